@@ -1,0 +1,314 @@
+"""Rule-based rewards for grounded, cited answers (Ground-GRPO, arXiv 2506.15522), plus one generic reward.
+
+Everything here is a plain function of strings and a data.Record; no model is involved. The spec is
+../shared/reference/ground-grpo.md ("Rewards"); where it is silent, the choice made here is stated in a comment.
+
+A completion is expected to look like
+
+    <think> reasoning </think><answer> Statement one [1]. Statement two [2][3]. </answer>
+
+and is scored with the paper's Algorithm 1 (see `stage_reward`):
+
+    R = R_tag_count
+    if R_format == 1 and R_tag_count == 1:
+        R += R_format
+        if answerable:
+            if not refused: R += R_refusal (0.5, stage 2 only) + R_EM + R_citation
+        else:
+            R += R_refusal (rscore, stage 2 only)
+
+Bounds (checked by the property test): with G = len(record.answers) gold groups,
+    0 <= total <= 2 + G                      in stage 1
+    0 <= total <= 2 + max(0.5 + G, 1)        in stage 2   (= 2.5 + G when G >= 1)
+because each statement that earns +0.5 EM gets at worst -0.5 citation (EM + citation >= 0 per statement) and at
+most G statements earn EM (each gold group is credited once).
+"""
+
+import re
+import string
+from difflib import SequenceMatcher
+
+REFUSAL_SENTENCE = "I apologize, but I couldn't find an answer to your question in the search results."
+REFUSAL_THRESHOLD = 0.85  # the Trust-Score evaluator calls an answer a refusal above 85 (on a 0-100 scale)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+EM_REWARD = 0.5  # per statement that contains a not-yet-credited gold answer
+CITATION_REWARD = 0.5  # supported citation; -0.5 for an unsupported one ("bad citation penalty")
+ANSWERED_REWARD = 0.5  # stage 2: answering an answerable question
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Format
+
+
+def tag_count_reward(completion: str) -> float:
+    """R_tag_count = (1/4) * number of tags in T that occur exactly once."""
+    return sum(completion.count(tag) == 1 for tag in TAGS) / 4
+
+
+# One think block then one answer block, nothing else but whitespace around them. The inner parts may not contain
+# any of the four tags (a nested or repeated tag is not "exactly one block").
+_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
+_FORMAT_RE = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
+
+
+def format_reward(completion: str) -> float:
+    """R_format = 1 if the completion is exactly `<think>...</think><answer>...</answer>` (whitespace allowed
+    around and between the blocks), else 0."""
+    return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
+
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the first <answer>...</answer> block (stripped), or None when there is no closed block."""
+    m = _ANSWER_RE.search(completion)
+    return m.group(1).strip() if m else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text normalization, citations, statements
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD / ALCE normalization: lower case, ASCII punctuation removed, articles removed, whitespace collapsed."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+_PUNCT = frozenset(string.punctuation)
+_CITATION_RE = re.compile(r"\[(\d+)\]")
+
+
+def remove_citations(text: str) -> str:
+    """Drop `[n]` markers and the whitespace before them: "Paris [1][2]." -> "Paris."."""
+    return re.sub(r"\s*\[\d+\]", "", text)
+
+
+def parse_citations(statement: str) -> list[int]:
+    """Citation numbers as written (1-based), in order of first appearance, duplicates dropped."""
+    seen = []
+    for m in _CITATION_RE.finditer(statement):
+        n = int(m.group(1))
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+# A sentence ends at . ! or ?, optionally followed by citations and more end punctuation ("... 1783 [3]." or
+# "... 1783. [3]"), then whitespace or the end of the text. "12.5" and "A.D." inside a sentence do not end it
+# because no whitespace follows the period (except for "A.D. " before a new word; a rule splitter accepts that).
+_SENTENCE_END_RE = re.compile(r"[.!?]+(?:\s*\[\d+\])*[.!?]*(?=\s|$)")
+
+
+def split_statements(answer: str, is_list: bool) -> list[str]:
+    """Statements of an answer: comma-separated items for list questions (QAMPARI), else sentences.
+    Empty statements are dropped; citations stay attached to their statement."""
+    if is_list:
+        pieces = answer.split(",")
+    else:
+        pieces, start = [], 0
+        for m in _SENTENCE_END_RE.finditer(answer):
+            pieces.append(answer[start : m.end()])
+            start = m.end()
+        pieces.append(answer[start:])
+    return [p.strip() for p in pieces if p.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact match and citations
+
+
+def contains_phrase(text_norm: str, phrase_norm: str) -> bool:
+    """Whole-word containment of one normalized string in another. Whole words, not characters, so that a gold
+    "12" does not match "1200" and a string of digits cannot collect every number answer."""
+    return bool(phrase_norm) and f" {phrase_norm} " in f" {text_norm} "
+
+
+def matched_groups(statement: str, answers: list[list[str]]) -> list[int]:
+    """Indices of the gold groups with an alias inside the statement (citations removed first, so "[1]" can never
+    match a gold "1")."""
+    text = normalize_answer(remove_citations(statement))
+    return [g for g, aliases in enumerate(answers) if any(contains_phrase(text, normalize_answer(a)) for a in aliases)]
+
+
+def doc_has_group(doc: dict, g: int, aliases: list[str]) -> bool:
+    """Does this document contain gold group g? Its `answers_found[g]` flag when present, else a whole-word match
+    of a normalized alias in the normalized title + text."""
+    found = doc.get("answers_found")
+    if isinstance(found, (list, tuple)) and g < len(found):
+        return bool(found[g])
+    text = normalize_answer(f"{doc.get('title') or ''} {doc.get('text') or ''}")
+    return any(contains_phrase(text, normalize_answer(a)) for a in aliases)
+
+
+def citations_support(cites: list[int], groups: list[int], record) -> bool:
+    """A citation set supports a statement when every gold group credited to it is found in at least one cited
+    document (for one group: "at least one cited document contains the matched gold answer"). Numbers outside
+    1..k point at no document and support nothing."""
+    docs = [record.docs[n - 1] for n in cites if 1 <= n <= len(record.docs)]
+    return all(any(doc_has_group(d, g, record.answers[g]) for d in docs) for g in groups)
+
+
+def score_statements(answer: str, record) -> dict:
+    """R_EM and R_citation of an answer, statement by statement.
+
+    EM: +0.5 for a statement containing a gold group not credited to an earlier statement; all groups it contains
+    are then credited to it (the spec gives no cap; this one means repeating an answer earns nothing more).
+    Citation, only for statements that earned EM: +0.5 supported, -0.5 cited but unsupported, 0 uncited."""
+    credited: set[int] = set()
+    em = citation = 0.0
+    n_em = n_cited = n_supported = 0
+    statements = split_statements(answer, record.is_list)
+    for s in statements:
+        new = [g for g in matched_groups(s, record.answers) if g not in credited]
+        if not new:
+            continue
+        credited.update(new)
+        em += EM_REWARD
+        n_em += 1
+        cites = parse_citations(s)
+        if not cites:
+            continue
+        n_cited += 1
+        if citations_support(cites, new, record):
+            citation += CITATION_REWARD
+            n_supported += 1
+        else:
+            citation -= CITATION_REWARD
+    return dict(em=em, citation=citation, statements=len(statements), em_statements=n_em,
+                cited_em_statements=n_cited, supported_em_statements=n_supported)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusal: a fuzzy partial ratio written with difflib (same idea as fuzzywuzzy's partial_ratio)
+
+
+def _ratio(a: str, b: str) -> float:
+    """difflib similarity 2*M / (len(a) + len(b)), M = matched characters."""
+    return SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def partial_ratio_in(needle: str, haystack: str) -> float:
+    """Best similarity between `needle` and a window of `haystack` of the needle's length, in [0, 1].
+
+    As in fuzzywuzzy: the candidate windows start where difflib's matching blocks align the needle with the
+    haystack; 1.0 when the needle occurs verbatim. If the haystack is shorter than the needle, it is compared whole
+    (plain ratio), so a short fragment of the needle scores low."""
+    if not needle or not haystack:
+        return 0.0
+    if len(haystack) <= len(needle):
+        return _ratio(needle, haystack)
+    if needle in haystack:
+        return 1.0
+    best = 0.0
+    blocks = SequenceMatcher(None, needle, haystack, autojunk=False).get_matching_blocks()
+    for i, j, _ in blocks:
+        start = max(0, j - i)
+        best = max(best, _ratio(needle, haystack[start : start + len(needle)]))
+    return best
+
+
+def partial_ratio(a: str, b: str) -> float:
+    """Symmetric partial ratio in [0, 1]: the shorter string searched in the longer one (fuzzywuzzy semantics,
+    which the Trust-Score evaluator uses). Note: a short fragment such as "i" scores 1.0 against any text that
+    contains it; `refusal_score` therefore uses the directional `partial_ratio_in`."""
+    if len(a) > len(b):
+        a, b = b, a
+    if not a:
+        return 0.0
+    return partial_ratio_in(a, b)
+
+
+_REFUSAL_NORM = normalize_answer(REFUSAL_SENTENCE)
+
+
+def refusal_score(answer: str | None) -> float:
+    """rscore in [0, 1]: how well the normalized refusal sentence occurs inside the normalized answer.
+
+    Directional on purpose (the refusal sentence is always the needle): with the symmetric ratio an answer "I" or
+    "apologize" would be a perfect refusal and RL would find that shortcut at once."""
+    if not answer:
+        return 0.0
+    return partial_ratio_in(_REFUSAL_NORM, normalize_answer(remove_citations(answer)))
+
+
+def is_refusal(answer: str | None) -> bool:
+    return refusal_score(answer) > REFUSAL_THRESHOLD
+
+
+def record_answerable(record) -> bool:
+    """Answerable = at least one document has a non-zero answers_found (ground-grpo.md)."""
+    return bool(getattr(record, "answerable", False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point: hierarchical combination (Algorithm 1)
+
+
+def stage_reward(completion: str, record, stage: int) -> tuple[float, dict]:
+    """Reward of one completion (scored as prefill + generated text) for a record in training stage 1 or 2.
+
+    Returns (total, components). The components `tag_count, format, em, citation, refusal` are the amounts added
+    to the total (they sum to it; gated pieces are 0). The other keys are diagnostics computed on the answer block
+    whether or not the gate let its reward through: answered (0/1: non-empty answer that is not a refusal),
+    refused (0/1), rscore, statements, em_statements, cited_em_statements, supported_em_statements.
+
+    Choice where the spec is silent: an empty answer block is neither a refusal nor an answer, so in stage 2 it
+    earns no refusal reward on either kind of question (otherwise "<answer></answer>" would collect the 0.5).
+
+    Bounds: 0 <= total <= 2 + G (stage 1), <= 2 + max(0.5 + G, 1) (stage 2), G = len(record.answers).
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    completion = completion if isinstance(completion, str) else ""
+    answer = extract_answer(completion) or ""
+    rscore = refusal_score(answer)
+    refused = rscore > REFUSAL_THRESHOLD
+    answered = bool(normalize_answer(remove_citations(answer))) and not refused
+    scores = score_statements(answer, record) if answered else dict(
+        em=0.0, citation=0.0, statements=0, em_statements=0, cited_em_statements=0, supported_em_statements=0)
+
+    c = dict(tag_count=tag_count_reward(completion), format=0.0, em=0.0, citation=0.0, refusal=0.0)
+    if format_reward(completion) == 1.0 and c["tag_count"] == 1.0:
+        c["format"] = 1.0
+        if record_answerable(record):
+            if answered:  # "not refused", and not empty either (see docstring)
+                c["refusal"] = ANSWERED_REWARD if stage == 2 else 0.0
+                c["em"], c["citation"] = scores["em"], scores["citation"]
+        elif stage == 2 and refused:
+            c["refusal"] = rscore
+    total = c["tag_count"] + c["format"] + c["em"] + c["citation"] + c["refusal"]
+    c.update(answered=float(answered), refused=float(refused), rscore=rscore,
+             **{k: float(v) for k, v in scores.items() if k not in ("em", "citation")})
+    return total, c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A generic reward for a different task: a numeric final answer (GSM8K-style)
+
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _last_number(text: str) -> float | None:
+    nums = _NUMBER_RE.findall(text)
+    if not nums:
+        return None
+    try:
+        return float(nums[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_answer_reward(completion: str, gold) -> float:
+    """1.0 if the last number in the answer block (or in the whole completion when there is no answer block)
+    equals the gold number (relative tolerance 1e-6; thousands separators ignored), else 0.0."""
+    answer = extract_answer(completion)
+    pred = _last_number(answer if answer is not None else completion)
+    target = gold if isinstance(gold, (int, float)) else _last_number(str(gold))
+    if pred is None or target is None:
+        return 0.0
+    return 1.0 if abs(pred - float(target)) <= 1e-6 * max(1.0, abs(float(target))) else 0.0
