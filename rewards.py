@@ -26,6 +26,7 @@ most G statements earn EM (each gold group is credited once).
 
 import re
 import string
+import unicodedata
 from difflib import SequenceMatcher
 
 REFUSAL_SENTENCE = "I apologize, but I couldn't find an answer to your question in the search results."
@@ -72,14 +73,19 @@ def extract_answer(completion: str) -> str | None:
 
 
 def normalize_answer(s: str) -> str:
-    """SQuAD / ALCE normalization: lower case, ASCII punctuation removed, articles removed, whitespace collapsed."""
+    """SQuAD / ALCE normalization: lower case, punctuation removed, articles (a, an, the) removed, whitespace
+    collapsed. Punctuation = ASCII punctuation plus any Unicode punctuation (curly quotes, dashes), so that
+    "Bloomberg’s" and "Bloomberg's" normalize alike."""
     s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = "".join(ch for ch in s if not is_punctuation(ch))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
 
-_PUNCT = frozenset(string.punctuation)
+def is_punctuation(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
 _CITATION_RE = re.compile(r"\[(\d+)\]")
 
 
@@ -123,9 +129,13 @@ def split_statements(answer: str, is_list: bool) -> list[str]:
 
 
 def contains_phrase(text_norm: str, phrase_norm: str) -> bool:
-    """Whole-word containment of one normalized string in another. Whole words, not characters, so that a gold
-    "12" does not match "1200" and a string of digits cannot collect every number answer."""
-    return bool(phrase_norm) and f" {phrase_norm} " in f" {text_norm} "
+    """Whole-word containment of one normalized string in another, so that a gold "12" does not match "1200" and a
+    string of digits cannot collect every number answer. A phrase ending in a letter may be followed by "s"
+    (possessive or plural once punctuation is gone: "bloombergs" contains "bloomberg")."""
+    if not phrase_norm:
+        return False
+    plural = "s?" if phrase_norm[-1].isalpha() else ""
+    return re.search(rf"(?<!\S){re.escape(phrase_norm)}{plural}(?!\S)", text_norm) is not None
 
 
 def matched_groups(statement: str, answers: list[list[str]]) -> list[int]:
@@ -216,7 +226,7 @@ def partial_ratio(a: str, b: str) -> float:
     """Symmetric partial ratio in [0, 1]: the shorter string searched in the longer one (fuzzywuzzy semantics,
     which the Trust-Score evaluator uses). Note: a short fragment such as "i" scores 1.0 against any text that
     contains it; `refusal_score` therefore uses the directional `partial_ratio_in`."""
-    if len(a) > len(b):
+    if (len(a), a) > (len(b), b):  # the shorter (ties: a fixed order, so the result is symmetric)
         a, b = b, a
     if not a:
         return 0.0
