@@ -482,13 +482,18 @@ def compare_markdown(run_a, run_b):
     return f"A = {run_a}, B = {run_b}\n\n" + "\n".join(lines) + "\n"
 
 
+REWARD_COMPONENTS = ("tag_count", "format", "em", "citation", "refusal")   # the summands of rewards.stage_reward
+
+
 def metric_panels(rows):
-    """Group a training log's numeric keys into panels: reward, reward components, KL, completion length."""
+    """Group a training log's numeric keys into panels: reward, its components, KL, completion length.
+    grpo.py logs reward_mean, reward/<component> (plus diagnostics such as reward/statements, left out here),
+    kl, completion_len_mean / _min / _max."""
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     panels = {
-        "reward": [k for k in keys if k in ("reward", "reward_mean", "reward/mean", "rewards/mean")],
-        "reward components": [k for k in keys if k.startswith(("reward/", "rewards/", "reward_"))
-                              and k not in ("reward_mean", "reward/mean", "rewards/mean") and "std" not in k],
+        "reward": [k for k in keys if k in ("reward", "reward_mean")],
+        "reward components": [k for k in keys if k.partition("/")[0] in ("reward", "rewards")
+                              and k.partition("/")[2] in REWARD_COMPONENTS],
         "KL": [k for k in keys if "kl" in k.lower()],
         "completion length": [k for k in keys if "len" in k.lower()],
     }
@@ -506,7 +511,7 @@ def plot_metrics(metrics_path, out_png):
     rows = [r for r in read_jsonl(metrics_path) if isinstance(r, dict)]
     panels = metric_panels(rows)
     if not panels:
-        fail(f"--plot {metrics_path}: no reward, KL or length fields to plot")
+        fail(f"--plot {metrics_path}: nothing to plot (no reward, KL or length fields)")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (name, keys) in zip(axes[:, 0], panels.items()):
         for k in keys:
