@@ -1,0 +1,320 @@
+"""model.py against transformers' own implementations (the independent reference), and the sampler's rules.
+
+Tolerance for float32 logit parity: max |ours - theirs| < 1e-4 * max |theirs|. Both compute the same float32 math
+in a different order (fused vs split projections, SDPA vs eager attention); over a few layers that reorders
+round-off at the 1e-7 relative level per op, so 1e-4 of the logit scale leaves ~100x headroom while any real bug
+(wrong rope layout, missing bias, wrong norm) shows up at 1e-1 or more.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {
+    "llama_tied": dict(model_type="llama", tie_word_embeddings=True),
+    "qwen2_bias_untied": dict(model_type="qwen2", tie_word_embeddings=False),
+    "qwen3_qknorm": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=24),
+    "llama3_rope_scaling": dict(
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16),
+    ),
+}  # fmt: skip
+
+
+def tiny_hf_model(family: str, seed=0):
+    """A random transformers model of the family with non-trivial weights (biases and norms included)."""
+    spec = dict(FAMILIES[family])
+    model_type = spec.pop("model_type")
+    cfg = transformers.AutoConfig.for_model(
+        model_type, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500.0,
+        rms_norm_eps=1e-6, **spec,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return hf
+
+
+def assert_logits_close(ours, theirs):
+    scale = theirs.abs().max().item()
+    diff = (ours - theirs).abs().max().item()
+    assert diff < 1e-4 * scale, f"max abs diff {diff:.3g} vs logit scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    dirs = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(fam)
+        tiny_hf_model(fam).save_pretrained(d)
+        dirs[fam] = d
+    return dirs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logit_parity_tiny(family, tiny_dirs):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    ours = M.Transformer.from_pretrained(tiny_dirs[family]).eval()
+    ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))  # 40 > 16: rope scaling bites
+    with torch.no_grad():
+        assert_logits_close(ours(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_pretrained_roundtrip_through_transformers(family, tiny_dirs, tmp_path):
+    ours = M.Transformer.from_pretrained(tiny_dirs[family]).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_logits_close(ours(ids), hf(ids).logits)
+    # and our loader reads back exactly what it wrote
+    again = M.Transformer.from_pretrained(tmp_path)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_left_padding_matches_unpadded(tiny_dirs):
+    """A left-padded row gives the same logits on its real tokens as the same prompt alone: positions count real
+    tokens and padding keys are masked."""
+    ours = M.Transformer.from_pretrained(tiny_dirs["qwen2_bias_untied"]).eval()
+    g = torch.Generator().manual_seed(3)
+    short, long = torch.randint(0, 97, (7,), generator=g).tolist(), torch.randint(0, 97, (15,), generator=g).tolist()
+    ids, mask = M.left_pad([short, long], 0, "cpu")
+    with torch.no_grad():
+        both = ours(ids, attention_mask=mask)
+        alone = ours(torch.tensor([short]))
+    assert_logits_close(both[0, -7:], alone[0])
+
+
+# ---- the real built-in weights -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol():
+    path = M.builtin_model_dir()
+    return path, M.Transformer.from_pretrained(path).eval(), M.load_tokenizer(path)
+
+
+def chat_prompts(tok, questions):
+    out = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out
+
+
+def test_builtin_parity_with_transformers(smol):
+    path, ours, _ = smol
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (2, 33), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_logits_close(ours(ids), hf(ids).logits)
+
+
+def test_builtin_conversion_matches_transformers_gguf_loader(smol):
+    """transformers dequantizes the same GGUF with its own code (including the q/k un-permutation): an independent
+    check of our conversion."""
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate (requirements-test.txt)")
+    _, ours, _ = smol
+    g = M.builtin_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
+    ids = torch.randint(0, 49152, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert_logits_close(ours(ids), hf.eval()(ids).logits)
+
+
+def greedy_without_cache(model, prompt, n, eos):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(nxt)
+        if nxt == eos:
+            break
+    return ids[len(prompt) :]
+
+
+def test_greedy_cache_equals_no_cache_equals_transformers(smol):
+    path, ours, tok = smol
+    prompts = chat_prompts(tok, ["What is the capital of France?", "Name three colors, please.", "2+2=?"])
+    assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is left-padded
+    ids, mask, _ = M.generate(ours, prompts, max_new_tokens=16, temperature=0, eos_token_ids=[2])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for r, p in enumerate(prompts):
+        got = ids[r, : int(mask[r].sum())].tolist()
+        assert got == greedy_without_cache(ours, p, 16, eos=2)
+        theirs = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
+        assert got == theirs[0, len(p) :].tolist()
+
+
+# ---- sampler rules on a tiny float64 model (exact arithmetic makes token equality a fair test) ---------------
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_dirs):
+    return M.Transformer.from_pretrained(tiny_dirs["llama_tied"], dtype=torch.float64).eval()
+
+
+PROMPTS = [[5, 9, 11], [7, 1, 2, 3, 4, 60, 61], [30, 31, 32, 33, 34]]
+
+
+def test_group_prefill_once_equals_independent_prefills(tiny64):
+    G = 4
+    grouped = M.generate(tiny64, PROMPTS, group_size=G, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7)
+    repeated = [p for p in PROMPTS for _ in range(G)]  # G separate prefills of each prompt, same row seeds
+    separate = M.generate(tiny64, repeated, group_size=1, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7)
+    for a, b in zip(grouped, separate):
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=1e-12)
+    # and the rows of one group are not all the same (the row seeds differ)
+    assert len({tuple(r.tolist()) for r in grouped[0][:G]}) > 1
+
+
+def test_seeded_reproducible_and_seed_changes_samples(tiny64):
+    a = M.generate(tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=11)[0]
+    b = M.generate(tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=11)[0]
+    c = M.generate(tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=12)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mask_by_position_when_pad_equals_eos(tiny64):
+    free = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[])[0]
+    eos = int(free[1, 4])  # a token the second row emits at step 4: make it the EOS (and the pad)
+    ids, mask, logp = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[eos])
+    for r in range(len(PROMPTS)):
+        hits = (free[r] == eos).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else 10  # up to and including the first EOS
+        assert mask[r].tolist() == [1.0] * n + [0.0] * (10 - n)
+        assert ids[r, :n].tolist() == free[r, :n].tolist()
+        assert (ids[r, n:] == eos).all()  # padded with pad == eos, and those positions are masked out
+        assert (logp[r, n:] == 0).all()
+    assert mask[1].sum() <= 5
+
+
+def test_stop_string_ends_row_including_its_tokens(tiny64):
+    class CharTok:  # token i decodes to chr(65 + i % 26): a stop string is a run of letters
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    free = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[])[0]
+    stop = CharTok().decode(free[0, 3:5].tolist())  # the text of the row-0 tokens at steps 3 and 4
+    _, mask, _ = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[],
+                            stop_strings=[stop], tokenizer=CharTok())  # fmt: skip
+    text0 = CharTok().decode(free[0].tolist())
+    assert int(mask[0].sum()) == text0.index(stop) + len(stop)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny64):
+    greedy = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=0)[0]
+    k1 = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=1.3, top_k=1, seed=3)[0]
+    p0 = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=1.3, top_p=1e-9, seed=3)[0]
+    assert torch.equal(k1, greedy) and torch.equal(p0, greedy)
+
+
+def test_sampling_distribution_matches_softmax_with_temperature_top_k_top_p(tiny64):
+    """One step, 4000 samples from one prompt: empirical frequencies against the distribution computed here
+    independently. Tolerance 0.03: 4 standard errors of a frequency (sqrt(0.25 / 4000) = 0.008)."""
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        logits = tiny64(torch.tensor([prompt]))[0, -1]
+    n = 4000
+    for T, top_k, top_p in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.5, 0, 0.6)]:
+        p = torch.softmax(logits / T, -1)
+        if top_k:
+            p = torch.where(p >= p.topk(top_k).values[-1], p, 0.0)
+        if top_p < 1:
+            order = p.argsort(descending=True)
+            keep = (p[order].cumsum(0) - p[order]) < top_p
+            p = torch.zeros_like(p).index_put_((order[keep],), p[order][keep])
+        p = p / p.sum()
+        ids, _, logp = M.generate(tiny64, [prompt], group_size=n, max_new_tokens=1, temperature=T, top_k=top_k,
+                                  top_p=top_p, seed=5)  # fmt: skip
+        freq = torch.bincount(ids[:, 0], minlength=p.numel()).double() / n
+        assert (freq - p).abs().max() < 0.03, (T, top_k, top_p)
+        assert freq[p == 0].sum() == 0  # nothing outside the top-k / top-p set
+        # the returned log-prob is log softmax(logits / T) over the full vocabulary at the sampled token
+        # (the sampler works in float32: 1e-5 covers float32 round-off of log-probs of size ~10)
+        full = torch.log_softmax(logits / T, -1)
+        assert torch.allclose(logp[:, 0].double(), full[ids[:, 0]], atol=1e-5)
+
+
+def test_sampling_logprobs_equal_recomputed_full_forward(tiny64):
+    """What the trainer recomputes (one forward over prompt + completion, logits / T) equals what the cached
+    sampler reported: the temperature and position rules agree between the two paths."""
+    T = 0.8
+    ids, mask, logp = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=9, temperature=T, seed=9,
+                                 eos_token_ids=[3])  # fmt: skip
+    for r in range(ids.shape[0]):
+        p = PROMPTS[r // 2]
+        n = int(mask[r].sum())
+        seq = torch.tensor([p + ids[r, :n].tolist()])
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny64(seq)[0, len(p) - 1 : -1] / T, -1)
+        assert torch.allclose(lp.gather(-1, ids[r, :n, None])[:, 0], logp[r, :n].double(), atol=1e-5)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+
+def one_line_error(fn, *match):
+    with pytest.raises(M.ModelError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for m in match:
+        assert m in msg, msg
+    return msg
+
+
+def test_errors_are_one_line_and_name_the_problem(tiny_dirs, tmp_path):
+    one_line_error(lambda: M.Transformer.from_pretrained(tmp_path / "nope"), "nope", "not found")
+    (tmp_path / "empty").mkdir()
+    one_line_error(lambda: M.Transformer.from_pretrained(tmp_path / "empty"), "config.json", "not found")
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    one_line_error(lambda: M.Transformer.from_pretrained(bad), "unsupported model_type", "gpt2")
+    # a tensor of the wrong shape: claim a bigger intermediate size than the weights have
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    src = tiny_dirs["llama_tied"]
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    (wrong / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    one_line_error(lambda: M.Transformer.from_pretrained(wrong), "mlp", "shape", "(128, 64)")
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text(json.dumps(cfg))
+    one_line_error(lambda: M.Transformer.from_pretrained(noweights), "no model.safetensors")
+
+
+def test_builtin_cache_is_converted_once_and_half_written_is_redone(tmp_path, monkeypatch):
+    """The caching logic around the (slow) conversion, with the conversion replaced by a fast fake."""
+    calls = []
+
+    def fake_convert(gguf_path, out):
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(M, "convert_gguf", fake_convert)
+    d = M.builtin_model_dir()
+    assert M.builtin_model_dir() == d and len(calls) == 1  # second call: no-op
+    (tmp_path / M.BUILTIN_NAME / ".converted-from").unlink()  # as if the process died before finishing
+    assert M.builtin_model_dir() == d and len(calls) == 2
+    assert not any(p.name.startswith(f"{M.BUILTIN_NAME}.tmp") for p in tmp_path.iterdir())
