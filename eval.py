@@ -20,13 +20,16 @@ evaluator because its NLI model is not available offline, and every output says 
     answer cannot be checked and counts as unsupported.
   - ELI5 claims ("is this claim entailed by the answer?") are judged by a lexical approximation unless a judge is
     supplied (`--judge module:function`, called as judge(premise, hypothesis) -> bool or probability).
+Smaller choices, where the evaluator's code and the spec part ways or the spec is silent:
+  - an empty answer is answered (not a refusal) with no statements: citation recall and precision 0, included in
+    the means over answered questions (the evaluator's code skips such questions in the citation means).
+  - "[0]" is outside 1..k (in the evaluator's code it would index the last document); a repeated citation
+    ("[1][1]") counts once (rewards.parse_citations).
 """
 
 import argparse
 import importlib
 import json
-import math
-import sys
 from pathlib import Path
 
 from rewards import (
@@ -55,7 +58,11 @@ CITATION_NOTE = ("citation support judged by this project's rule (answers_found 
 
 
 def is_refused(answer):
-    """The evaluator's refusal rule: fuzzy partial ratio of the normalized flag inside the normalized answer > 85."""
+    """The evaluator's refusal rule: fuzzy partial ratio of the normalized flag inside the normalized answer > 85.
+
+    partial_ratio searches the shorter string in the longer one (fuzzywuzzy's semantics, which the evaluator
+    uses), so an answer that is a fragment of the flag ("I couldn't find an answer.", or just "find") is a refusal
+    here, unlike in rewards.is_refusal, which looks for the whole refusal sentence."""
     return partial_ratio(normalize_answer(REFUSAL_FLAG), normalize_answer(answer)) > REFUSAL_THRESHOLD
 
 
@@ -392,7 +399,10 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
         net = M.Transformer.from_pretrained(path).eval()
     except (OSError, ValueError) as e:
         fail(f"--model {model_name}: {e}".splitlines()[0])
-    prompts = [build_prompt(r, tokenizer) for r in records]          # (prompt_ids, prefill) each
+    try:
+        prompts = [build_prompt(r, tokenizer) for r in records]      # (prompt_ids, prefill) each
+    except ValueError as e:                                          # data.DataError: a prompt over the budget
+        fail(str(e).splitlines()[0])
     order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))   # similar lengths: little padding
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
     out = [None] * len(records)
@@ -417,6 +427,13 @@ def evaluate(records, texts, judge=None):
     rows = score_all(records, texts, judge)
     scores = trust_score(records, texts, judge)
     scores.update(reward_summary(records, texts))
+    sources = sorted({r.source for r in records})
+    if len(sources) > 1:   # Trust-Score is a per-dataset score: a mixed run is also scored per source
+        scores["by_source"] = {}
+        for src in sources:
+            recs, txts = zip(*[(r, t) for r, t in zip(records, texts) if r.source == src])
+            scores["by_source"][src] = {k: v for k, v in trust_score(list(recs), list(txts), judge).items()
+                                        if k != "notes"}
     return rows, scores
 
 
@@ -425,11 +442,16 @@ def fmt(x):
 
 
 def report_markdown(scores, examples=()):
-    """A short human-readable report of one run."""
+    """A short human-readable report of one run (with a column per source when the data mixes datasets)."""
+    by_source = scores.get("by_source", {})
     lines = [f"# Evaluation: {scores.get('model', '?')} on {scores.get('data', '?')}", "",
              f"{scores['n']} questions, {scores['n_answerable']} answerable, {scores['n_answered']} answered.", "",
-             "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {fmt(scores[k])} |" for k in METRICS + DETAILS if k in scores]
+             "| metric | all | " + "".join(f"{src} | " for src in by_source),
+             "|---|---|" + "---|" * len(by_source)]
+    for k in METRICS + DETAILS:
+        if k in scores:
+            lines.append(f"| {k} | {fmt(scores[k])} | " + "".join(f"{fmt(by_source[src].get(k, '-'))} | "
+                                                                     for src in by_source))
     lines += ["", "TRUST = mean(F1_AC, F1_GR, F1_GC); all scores are percentages except tag_count and "
               "stage2_reward (reward units). Definitions: ../shared/reference/ground-grpo.md, Evaluation.", ""]
     lines += [f"Note: {note}." for note in scores.get("notes", [])]

@@ -115,6 +115,20 @@ def test_f1_ac_is_a_harmonic_mean():
     assert s["F1_AC"] == approx(200 / 3)
 
 
+def test_mixed_sources_scored_per_source():
+    # asqa: answered correctly with a supporting citation. qampari: answerable but refused.
+    records = [record([["Paris"]], [doc([1])], id="a"),
+               record([["Heat"]], [doc([1])], source="qampari", is_list=True, id="q")]
+    _, s = E.evaluate(records, [completion("Paris [1]."), completion(REFUSAL)])
+    # all: refusal P = 0/1, R = 0/0 -> 0; answer P = 1/1, R = 1/2 -> 2/3: F1_GR = 100/3.
+    # AC answered = 1, answerable = 1/2 -> hmean 2/3. Citations (asqa only answered): 1, 1 -> F1_GC = 100.
+    assert s["F1_GR"] == approx(100 / 3) and s["F1_AC"] == approx(200 / 3) and s["F1_GC"] == approx(100.0)
+    assert s["TRUST"] == approx((200 / 3 + 100 / 3 + 100) / 3)
+    # asqa alone: F1_GR = (0 + 1) / 2, F1_AC = 100, F1_GC = 100 -> TRUST 250/3. qampari alone: all 0.
+    assert s["by_source"]["asqa"]["TRUST"] == approx(250 / 3)
+    assert s["by_source"]["qampari"]["TRUST"] == 0.0
+
+
 def test_nothing_answered():
     # two answerable and one unanswerable question, every one refused.
     records = [record([["Alpha"]], [doc([1])], id="a"), record([["Beta"]], [doc([1])], id="b"),
