@@ -143,3 +143,739 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     else:
         raise ValueError(f"group_advantages: scale must be group, batch or none, got {scale!r}")
     return adv.view(-1).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Everything below is the trainer: config, processes, model (+ LoRA), sampling, log-probs, one step, checkpoints.
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+@dataclass
+class Config:
+    stage: int = 1                  # 1: format + answer + citation rewards on answerable questions; 2: + refusal
+    model: str = "builtin"          # base model: "builtin" (SmolLM2-135M-Instruct) or a Hugging Face model directory
+    init: str | None = None         # weights to start from; stage 2 default: the stage-1 output if present, else model
+    data: str = "builtin"           # "builtin" synthetic grounded QA, or an ALCE / Trust-Score JSON(L) file
+    out: str | None = None          # run directory; default runs/stage{N}
+    steps: int = 40                 # sampling rounds; each does `mu` optimizer steps
+    batch_prompts: int = 4          # prompts per sampling round per process
+    group_size: int = 8             # G completions per prompt
+    max_new_tokens: int = 80        # completion budget
+    max_prompt_tokens: int = 1024   # prompts longer than this are cut by data.build_prompt
+    temperature: float = 0.7        # sampling temperature; log-probs are recomputed from logits / temperature
+    top_p: float = 1.0
+    lr: float = 4e-5                # peak learning rate (AdamW)
+    warmup_steps: int = 3           # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta: float = 0.0               # KL penalty weight; 0 = no reference model is computed at all
+    kl: str = "k3"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token-mean"
+    scale_rewards: str = "group"
+    mu: int = 1                     # inner optimizer steps per sampled batch (old log-probs stored once)
+    micro_batch: int = 16           # completions per forward/backward (gradient accumulation over the batch)
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    seed: int = 0
+    grad_checkpoint: bool = False
+    drop_zero_std_groups: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    resume: bool = False
+    save_every: int = 10
+    log_samples: int = 4            # completions written to samples.jsonl per step
+    stop_after: int = 0             # stop (with a checkpoint) after this many steps of the schedule; 0 = run all
+    no_progress: bool = False
+
+
+HELP = {
+    "stage": "1: tag/format/answer/citation rewards on answerable questions; 2: adds the refusal reward on a 50/50 "
+             "answerable/unanswerable mix",
+    "model": "base model: 'builtin' (SmolLM2-135M-Instruct converted from its GGUF) or a Hugging Face model dir",
+    "init": "weights to start from (default: --model; in stage 2 the stage-1 output <out of stage 1>/checkpoint "
+            "when it exists)",
+    "data": "'builtin' (synthetic grounded QA) or an ALCE / Trust-Score JSON or JSONL file",
+    "out": "run directory (default runs/stage{N}): metrics.jsonl, samples.jsonl, config.json, checkpoint/",
+    "steps": "sampling rounds (each one: sample, score, then --mu optimizer steps)",
+    "batch_prompts": "prompts per sampling round and process",
+    "group_size": "completions sampled per prompt (G)",
+    "max_new_tokens": "completion length budget in tokens",
+    "max_prompt_tokens": "longest prompt in tokens (passed to data.build_prompt)",
+    "temperature": "sampling temperature (> 0); log-probs are recomputed from logits / temperature",
+    "top_p": "nucleus sampling threshold (1 = off)",
+    "lr": "peak learning rate of AdamW",
+    "warmup_steps": "optimizer steps of linear warm-up before the cosine decay",
+    "min_lr_ratio": "the cosine decays to lr * min_lr_ratio",
+    "weight_decay": "AdamW weight decay",
+    "beta": "weight of the KL penalty to the frozen reference (0 = none, and no reference forward at all)",
+    "kl": "KL estimator: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1",
+    "eps_low": "ratio clipped below at 1 - eps_low",
+    "eps_high": "ratio clipped above at 1 + eps_high (DAPO 'clip higher': 0.28)",
+    "loss_agg": "token-mean (DAPO), seq-mean-token-mean (GRPO paper), seq-mean-token-sum-norm (Dr. GRPO)",
+    "scale_rewards": "advantage scaling: group std (GRPO), batch std, none (Dr. GRPO)",
+    "mu": "optimizer steps per sampled batch; > 1 reuses the old log-probs stored right after sampling",
+    "micro_batch": "completions per forward/backward pass; gradients are accumulated over the batch",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "dtype": "parameter dtype",
+    "seed": "seed of data order, sampling and LoRA init",
+    "grad_checkpoint": "recompute each transformer block in backward instead of storing its activations",
+    "drop_zero_std_groups": "leave groups whose rewards are all equal out of the loss (they have zero advantage)",
+    "lora_rank": "0 = full fine-tune; > 0 = LoRA adapters of this rank on every linear layer of the blocks, "
+                 "and the reference is the same weights with the adapters switched off",
+    "lora_alpha": "LoRA scale numerator: the update is (alpha / rank) * B @ A",
+    "resume": "continue from <out>/checkpoint: weights, optimizer, schedule, RNG and data position",
+    "save_every": "write a checkpoint every this many steps (and at the end)",
+    "log_samples": "completions per step written to samples.jsonl",
+    "stop_after": "stop after this many steps (saving a checkpoint) without changing the schedule of --steps; "
+                  "for testing --resume",
+    "no_progress": "no tqdm progress bar",
+}
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description="GRPO for grounded, cited answers (two stages).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = {"stage": [1, 2], "kl": ["k1", "k2", "k3"], "dtype": ["float32", "bfloat16"],
+               "loss_agg": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+               "scale_rewards": ["group", "batch", "none"]}
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
+        else:
+            typ = {int: int, float: float}.get(f.type, str) if not isinstance(f.type, str) else \
+                {"int": int, "float": float}.get(f.type, str)
+            p.add_argument(flag, type=typ, default=f.default, choices=choices.get(f.name), help=HELP[f.name])
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.out is None:
+        cfg.out = f"runs/stage{cfg.stage}"
+    if cfg.temperature <= 0:
+        p.error("--temperature must be > 0 (the policy is softmax(logits / temperature))")
+    if cfg.group_size < 2:
+        p.error("--group-size must be >= 2 (advantages compare completions of the same prompt)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: torchrun sets RANK / WORLD_SIZE; each process holds whole groups (batch_prompts prompts x G rows)
+
+def setup_distributed():
+    """-> (rank, world, device). gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(x):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather_cat(x):
+    """(n, ...) on each rank -> (world * n, ...) in rank order (every rank holds the same n)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA: W x + (alpha / r) * B (A x), A (r, in), B (out, r) = 0 at start, so training starts from the base model
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+        self.enabled = True                                  # False: exactly the base layer (the reference policy)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale    # (..., out)
+        return y
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + scale * B @ A, for saving in the Hugging Face layout."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        dtype=self.base.weight.dtype, device=self.base.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin
+
+
+def add_lora(model, rank, alpha):
+    """Freeze every parameter, then wrap each nn.Linear inside the transformer blocks with a LoRA adapter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+
+
+def lora_modules(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The reference policy under LoRA: the same module with the adapters switched off (no second copy)."""
+    mods = lora_modules(model)
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Temporarily swap every LoRALinear for its merged nn.Linear, so state_dict() has the Hugging Face names."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+                swaps.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, reference, tokenizer
+
+def find_checkpoint(path) -> Path | None:
+    """A run directory holds its weights in checkpoint/ (checkpoint.old/ only during the swap of a save)."""
+    p = Path(path)
+    for cand in (p, p / "checkpoint", p / "checkpoint.old"):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    return None
+
+
+def resolve_init(cfg, log=print) -> str:
+    if cfg.init is not None:
+        log(f"[init] starting from --init {cfg.init}")
+        return cfg.init
+    if cfg.stage == 2:
+        stage1 = find_checkpoint(Path(cfg.out).parent / "stage1")
+        if stage1 is not None:
+            log(f"[init] stage 2 starts from the stage-1 checkpoint {stage1}")
+            return str(stage1)
+        log(f"[init] no stage-1 checkpoint under {Path(cfg.out).parent / 'stage1'}: stage 2 starts from --model "
+            f"{cfg.model}")
+    else:
+        log(f"[init] starting from --model {cfg.model}")
+    return cfg.model
+
+
+def load_models(cfg, init, device):
+    """-> (policy, reference or None). The reference is the frozen start of this stage: with LoRA the same module
+    with adapters off; otherwise a frozen copy, and none at all when beta == 0."""
+    from model import Transformer
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    policy = Transformer.from_pretrained(init, dtype=dtype, device=device)
+    reference = None
+    if cfg.lora_rank > 0:
+        torch.manual_seed(cfg.seed)                       # adapter init is part of the seeded run
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        policy.to(device)
+    elif cfg.beta > 0:
+        reference = Transformer.from_pretrained(init, dtype=dtype, device=device)
+        reference.eval().requires_grad_(False)
+    if cfg.grad_checkpoint:
+        policy.gradient_checkpointing = True
+    return policy, reference
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning rate: linear warm-up, then cosine decay to min_lr_ratio * lr (a pure function of the step: nothing to
+# restore on resume but the step number)
+
+def lr_at(it, total, cfg):
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / cfg.warmup_steps
+    progress = min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order: a seeded permutation per epoch; a position (epoch, index) is all a resume needs
+
+def epoch_order(n, seed, epoch):
+    g = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n))
+    g.shuffle(order)
+    return order
+
+
+def next_records(records, pos, count, seed):
+    """Take `count` records from position pos = [epoch, index]; returns (records, new pos)."""
+    epoch, idx = pos
+    out = []
+    while len(out) < count:
+        order = epoch_order(len(records), seed, epoch)
+        take = min(count - len(out), len(records) - idx)
+        out += [records[order[i]] for i in range(idx, idx + take)]
+        idx += take
+        if idx == len(records):
+            epoch, idx = epoch + 1, 0
+    return out, [epoch, idx]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs of completion tokens only (sequence = left-padded prompt + completion)
+
+def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temperature, share_prompt=True,
+                        return_entropy=False):
+    """log pi(o_t | q, o_<t) for every completion token, from logits / temperature.
+
+    prompts     list of N token lists (the distinct prompts of this micro-batch)
+    comp_ids    (R, M) completions; comp_mask (R, M) 1 up to and including the first EOS
+    rows_prompt (R,) index into prompts of each row
+    share_prompt: run each prompt once and copy its keys/values into its rows (G times less prompt compute, and the
+        gradient still flows through the prompt's keys/values); False runs the full (R, L + M) sequences, which is
+        what gradient checkpointing needs.
+    -> logp (R, M) float32 (0 where masked) [, entropy (R, M) float32 detached]
+    """
+    from kernels import fused_linear_logprobs
+    from model import KVCache, left_pad
+    device = comp_ids.device
+    p_ids, p_mask = left_pad(prompts, 0, device)                      # (N, L)
+    L = p_ids.shape[1]
+    R, M = comp_ids.shape
+    attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)   # (R, L + M)
+    if share_prompt:
+        dtype = next(model.parameters()).dtype
+        cache = KVCache(model.config, len(prompts), L + M, dtype, device)
+        h_prompt = model(p_ids, attention_mask=p_mask, cache=cache, return_hidden=True)      # (N, L, H)
+        hidden = h_prompt[rows_prompt, -1:]                            # (R, 1, H): position L-1 predicts o_0
+        if M > 1:
+            cache.select_rows(rows_prompt)
+            # inputs o_0 .. o_{M-2}; their outputs predict o_1 .. o_{M-1}
+            h_comp = model(comp_ids[:, :-1], attention_mask=attn[:, :-1], cache=cache, return_hidden=True)
+            hidden = torch.cat([hidden, h_comp], 1)                    # (R, M, H)
+    else:
+        ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]     # (R, L + M - 1)
+        hidden = model(ids, attention_mask=attn[:, :-1], return_hidden=True)[:, L - 1:]     # (R, M, H)
+    labels = comp_ids.masked_fill(comp_mask == 0, -100)               # ignored rows give 0 and no gradient
+    out = fused_linear_logprobs(hidden.reshape(R * M, -1), model.lm_head_weight, labels.reshape(-1),
+                                temperature=temperature, return_entropy=return_entropy)
+    if return_entropy:
+        logp, ent = out
+        return logp.view(R, M), ent.view(R, M)
+    return out.view(R, M)
+
+
+def micro_batches(rows, micro_batch, group_size):
+    """Split the kept row indices into chunks of at most micro_batch rows; -> list of (rows, prompt indices, row ->
+    local prompt index). A group may straddle two chunks: its prompt is then run in both (still exact)."""
+    chunks = []
+    for s in range(0, len(rows), micro_batch):
+        r = rows[s:s + micro_batch]
+        pids = sorted({i // group_size for i in r})
+        local = {p: j for j, p in enumerate(pids)}
+        chunks.append((r, pids, torch.tensor([local[i // group_size] for i in r])))
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and scoring
+
+STOP_STRINGS = ["</answer>"]   # the model keeps writing after its answer block; stop the row right there
+
+
+def sample_and_score(model, tokenizer, records, cfg, seed):
+    """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]."""
+    from data import build_prompt
+    from model import generate
+    from rewards import stage_reward
+    G = cfg.group_size
+    built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens) for r in records]
+    prompts = [ids for ids, _ in built]
+    eos = sorted({tokenizer.eos_token_id} | set(getattr(model.config, "eos_token_id", None) or []
+                                                if isinstance(getattr(model.config, "eos_token_id", None), list)
+                                                else {tokenizer.eos_token_id}))
+    model.eval()
+    comp_ids, comp_mask, _ = generate(model, prompts, group_size=G, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=tuple(eos),
+                                      seed=seed, stop_strings=STOP_STRINGS, tokenizer=tokenizer)
+    model.train()
+    # generate runs under inference_mode; clones are ordinary tensors that autograd may save for backward
+    comp_ids, comp_mask = comp_ids.clone(), comp_mask.clone()
+    texts, rewards, comps = [], [], []
+    for row in range(comp_ids.shape[0]):
+        n = int(comp_mask[row].sum())
+        text = tokenizer.decode(comp_ids[row, :n].tolist(), skip_special_tokens=True)
+        # the reward sees what the assistant wrote: the prefilled "<think>" plus the sampled completion
+        total, components = stage_reward(built[row // G][1] + text, records[row // G], cfg.stage)
+        texts.append(text)
+        rewards.append(float(total))
+        comps.append(components)
+    lengths = comp_mask.sum(1)                                                       # (B*G,)
+    ended = torch.tensor([bool(comp_ids[r, int(lengths[r]) - 1].item() in eos) or STOP_STRINGS[0] in texts[r]
+                          for r in range(len(texts))])
+    return dict(prompts=prompts, prefills=[p for _, p in built], comp_ids=comp_ids, comp_mask=comp_mask,
+                texts=texts, rewards=torch.tensor(rewards), components=comps, truncated=~ended)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy update: mu optimizer steps on one sampled batch
+
+def batch_logprobs(model, batch, chunks, cfg, grad=False):
+    """No-grad log-probs of all kept rows (old policy right after sampling, or the reference): (R_kept, M)."""
+    out = []
+    with torch.no_grad():
+        for rows, pids, rows_prompt in chunks:
+            out.append(completion_logprobs(model, [batch["prompts"][p] for p in pids], batch["comp_ids"][rows],
+                                           batch["comp_mask"][rows], rows_prompt, cfg.temperature,
+                                           share_prompt=not cfg.grad_checkpoint))
+    return torch.cat(out)
+
+
+def sync_gradients(params):
+    """Data parallel: sum the gradients of all ranks (each rank's loss is already divided by the global token or
+    sequence count, so the sum is the gradient of the whole step's loss)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    off = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[off:off + g.numel()].view_as(g).clone()
+        off += g.numel()
+
+
+def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps,
+                  log=print):
+    """-> list of per-inner-iteration metric dicts. keep_rows: the rows that enter the loss (all, or those of
+    groups with non-zero reward spread under --drop-zero-std-groups)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    chunks = micro_batches(keep_rows, cfg.micro_batch, cfg.group_size)
+    mask = batch["comp_mask"][keep_rows]                                           # (R_kept, M)
+    adv = advantages[keep_rows]                                                    # (R_kept,)
+    # normalizers of the whole optimizer step: all micro-batches, all ranks
+    num_tokens = all_reduce_sum(mask.sum().double().clone()).item()
+    num_seqs = int(all_reduce_sum(torch.tensor(float(len(keep_rows)), dtype=torch.float64)).item())
+
+    old_logp = batch_logprobs(model, batch, chunks, cfg) if cfg.mu > 1 and keep_rows else None
+    ref_logp = None
+    if cfg.beta > 0 and keep_rows:
+        if reference is not None:
+            ref_logp = batch_logprobs(reference, batch, chunks, cfg)
+        else:
+            with adapters_off(model):
+                ref_logp = batch_logprobs(model, batch, chunks, cfg)
+
+    history = []
+    for it in range(cfg.mu):
+        lr = lr_at(opt_step + it, total_opt_steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        sums = {}                                          # token-weighted sums of the loss metrics on this rank
+        loss_total = torch.zeros((), dtype=torch.float64)
+        start = 0
+        for rows, pids, rows_prompt in chunks:
+            sl = slice(start, start + len(rows))
+            start += len(rows)
+            logp, ent = completion_logprobs(model, [batch["prompts"][p] for p in pids], batch["comp_ids"][rows],
+                                            batch["comp_mask"][rows], rows_prompt, cfg.temperature,
+                                            share_prompt=not cfg.grad_checkpoint, return_entropy=True)
+            loss, m = grpo_loss(logp, None if old_logp is None else old_logp[sl],
+                                None if ref_logp is None else ref_logp[sl], adv[sl], mask[sl],
+                                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl,
+                                agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            loss.backward()
+            loss_total += loss.detach().double()
+            n = m["tokens"].double()
+            m["entropy"] = (ent * mask[sl]).sum() / torch.clamp(mask[sl].sum(), min=1)
+            for k in ("policy_loss", "surrogate", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high",
+                      "clip_frac", "entropy"):
+                sums[k] = sums.get(k, 0.0) + m[k].double() * n
+        sync_gradients(params)
+        loss_total = all_reduce_sum(loss_total)
+        keys = ["policy_loss", "surrogate", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",
+                "entropy"]
+        stacked = all_reduce_sum(torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64)
+                                              for k in keys]))
+        metrics = {k: (stacked[i] / max(num_tokens, 1.0)).item() for i, k in enumerate(keys)}
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None] or [torch.zeros(())]))
+        skipped = not (torch.isfinite(loss_total) and torch.isfinite(grad_norm))
+        if skipped:
+            # every rank sees the same all-reduced loss and gradient, so every rank skips together
+            log(f"[warn] optimizer step {opt_step + it}: non-finite loss ({loss_total.item()}) or gradient norm "
+                f"({grad_norm.item()}); step skipped")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+        metrics.update(loss=loss_total.item(), grad_norm=grad_norm.item(), lr=lr, skipped=int(skipped))
+        history.append(metrics)
+    optimizer.zero_grad(set_to_none=True)
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: Hugging Face layout + trainer_state.pt (plain tensors, dicts, lists: torch.load weights_only=True)
+
+def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg):
+    """Write <out>/checkpoint atomically: into a temporary directory, then renamed. A crash mid-save leaves the
+    previous checkpoint (as checkpoint/ or, between the two renames, checkpoint.old/) intact."""
+    out = Path(out)
+    final, tmp, old = out / "checkpoint", out / f"checkpoint.tmp-{os.getpid()}", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with lora_merged(model):
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+    state = {
+        "step": step, "opt_step": opt_step, "data_pos": list(data_pos),
+        "optimizer": optimizer.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_python": random.getstate(),
+        "lora": {n: p.detach().cpu() for n, p in model.named_parameters() if "lora_" in n},
+        "config": asdict(cfg),
+    }
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt):
+    return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+
+def read_jsonl_upto(path, step):
+    """Lines of a previous run with "step" < step (a resumed run rewrites what came after its checkpoint)."""
+    if not Path(path).is_file():
+        return []
+    return [line for line in Path(path).read_text().splitlines() if line and json.loads(line)["step"] < step]
+
+
+def batch_metrics(batch, rewards, components, truncated, G):
+    """Reward and length statistics over the global batch."""
+    lengths = batch["lengths_all"]
+    per_group = rewards.view(-1, G)
+    m = {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "frac_reward_zero_std": (per_group.max(1).values == per_group.min(1).values).float().mean().item(),
+        "completion_len_mean": lengths.mean().item(),
+        "completion_len_min": lengths.min().item(),
+        "completion_len_max": lengths.max().item(),
+        "clipped_share": truncated.float().mean().item(),
+    }
+    for k, v in components.items():
+        m[f"reward/{k}"] = v.mean().item()
+    return m
+
+
+def print_summary(cfg, history, wall, ckpt, log):
+    if not history:
+        log("[done] no steps run")
+        return
+    first, last = history[0], history[-1]
+    k = min(5, len(history))
+    mean_of = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    comp_keys = [key for key in first if key.startswith("reward/")]
+    log("=" * 78)
+    log(f"GRPO stage {cfg.stage}: {len(history)} steps logged, wall time {wall / 60:.1f} min "
+        f"({wall / max(1, len(history)):.1f} s/step)")
+    log(f"{'':24s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
+        f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}")
+    for key in ["reward_mean"] + comp_keys + ["frac_reward_zero_std", "completion_len_mean", "clipped_share"]:
+        log(f"{key:24s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
+            f"{mean_of(history[-k:], key):12.3f}")
+    log(f"checkpoint: {ckpt}")
+    log(f"metrics:    {Path(cfg.out) / 'metrics.jsonl'}   samples: {Path(cfg.out) / 'samples.jsonl'}")
+    log("=" * 78)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- model, reference, tokenizer, optimizer
+    from data import load_data, stage_records
+    from model import load_tokenizer
+    init = resolve_init(cfg, log)
+    ckpt = find_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        log(f"[resume] no checkpoint in {out}: starting from the beginning")
+    # full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapters
+    weights = str(ckpt) if (ckpt is not None and cfg.lora_rank == 0) else init
+    model, reference = load_models(cfg, weights, device)
+    if reference is not None and weights != init:
+        from model import Transformer
+        reference = Transformer.from_pretrained(init, dtype=next(model.parameters()).dtype, device=device)
+        reference.eval().requires_grad_(False)
+    tokenizer = load_tokenizer(ckpt or init)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    n_train = sum(p.numel() for p in params)
+    log(f"[model] {weights}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{n_train / 1e6:.2f}M trained ({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}), "
+        f"reference: {'none (beta = 0)' if cfg.beta == 0 else 'adapters off' if cfg.lora_rank else 'frozen copy'}; "
+        f"{world} process(es) on {device}")
+
+    # --- data
+    records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
+    log(f"[data] {cfg.data}: {len(records)} stage-{cfg.stage} records; {cfg.batch_prompts * world} prompts x "
+        f"{cfg.group_size} completions per step")
+
+    # --- state: fresh or resumed
+    step, opt_step, data_pos = 0, 0, [0, 0]
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        step, opt_step, data_pos = state["step"], state["opt_step"], list(state["data_pos"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate(state["rng_python"])
+        if cfg.lora_rank > 0:
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in state["lora"].items():
+                    named[n].copy_(t)
+        log(f"[resume] {ckpt}: continuing at step {step} (optimizer step {opt_step}, data position {data_pos})")
+    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
+    history = []
+    if rank == 0:
+        kept = read_jsonl_upto(metrics_path, step)
+        history = [json.loads(line) for line in kept]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        samples_path.write_text("".join(line + "\n" for line in read_jsonl_upto(samples_path, step)))
+        (out / "config.json").write_text(json.dumps(
+            {**asdict(cfg), "init_resolved": init, "world_size": world, "torch": torch.__version__}, indent=2))
+
+    total_opt_steps = cfg.steps * cfg.mu
+    last_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
+    from tqdm import tqdm
+    bar = tqdm(total=last_step, initial=step, disable=rank != 0 or cfg.no_progress, dynamic_ncols=True)
+    while step < last_step:
+        t0 = time.time()
+        # 1. this step's prompts: the global batch in the seeded order, this rank's slice of whole groups
+        global_records, data_pos = next_records(records, data_pos, cfg.batch_prompts * world, cfg.seed)
+        local = global_records[rank * cfg.batch_prompts:(rank + 1) * cfg.batch_prompts]
+        # 2. sample G completions per prompt and score them
+        batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024 + rank)
+        t_sample = time.time() - t0
+        # 3. advantages over the global batch (group scaling only looks within a group, batch scaling at all)
+        comp_keys = sorted(batch["components"][0])
+        comp_local = torch.tensor([[float(c.get(k, 0.0)) for k in comp_keys] for c in batch["components"]],
+                                  dtype=torch.float64)
+        rewards_all = all_gather_cat(batch["rewards"].double())
+        comps_all = all_gather_cat(comp_local)
+        truncated_all = all_gather_cat(batch["truncated"].to(torch.int64))
+        batch["lengths_all"] = all_gather_cat(batch["comp_mask"].sum(1).double())
+        adv_all = group_advantages(rewards_all, cfg.group_size, cfg.scale_rewards)
+        R = len(batch["texts"])
+        advantages = adv_all[rank * R:(rank + 1) * R]
+        keep = list(range(R))
+        if cfg.drop_zero_std_groups:
+            per_group = batch["rewards"].view(-1, cfg.group_size)
+            spread = (per_group.max(1).values != per_group.min(1).values).tolist()
+            keep = [r for r in range(R) if spread[r // cfg.group_size]]
+        # 4. the update
+        t1 = time.time()
+        inner = policy_update(model, reference, optimizer, batch, advantages, keep, cfg, opt_step,
+                              total_opt_steps, log)
+        opt_step += cfg.mu
+        step += 1
+        t_train = time.time() - t1
+        dt = time.time() - t0
+        # 5. metrics: reward / length over the global batch, loss metrics averaged over the inner iterations
+        m = {"step": step - 1, **batch_metrics(batch, rewards_all.float(), {k: comps_all[:, i] for i, k in
+                                                                           enumerate(comp_keys)},
+                                             truncated_all.bool(), cfg.group_size)}
+        for k in inner[0]:
+            m[k] = sum(h[k] for h in inner) / len(inner)
+        if cfg.mu > 1:
+            m["ratio_mean_last_iter"] = inner[-1]["ratio_mean"]
+        m["kept_rows"] = len(keep)
+        n_tokens = batch["lengths_all"].sum().item()
+        m.update(tokens_per_s=n_tokens / dt, sample_time=t_sample, train_time=t_train, step_time=dt)
+        if rank == 0:
+            history.append(m)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            with open(samples_path, "a") as f:
+                for r in range(min(cfg.log_samples, R)):
+                    row = r * max(1, R // max(1, cfg.log_samples)) % R   # spread over the groups
+                    f.write(json.dumps({"step": step - 1, "record": local[row // cfg.group_size].id,
+                                        "completion": batch["prefills"][row // cfg.group_size] + batch["texts"][row],
+                                        "reward": batch["rewards"][row].item(), "advantage": advantages[row].item(),
+                                        "components": batch["components"][row]}) + "\n")
+        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", fmt=f"{m.get('reward/format', float('nan')):.2f}",
+                        step_s=f"{dt:.1f}")
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == last_step:
+            if rank == 0:
+                ckpt = save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg)
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+    print_summary(cfg, history, time.time() - t_start, out / "checkpoint", log)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The GRPO trainer on tiny random models: log-probs, one update, mu > 1, a toy task, resume, two processes."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import grpo  # noqa: E402
+from model import ModelConfig, Transformer, generate  # noqa: E402
+
+TIME_KEYS = {"tokens_per_s", "sample_time", "train_time", "step_time"}
+
+
+def tiny_model(vocab=64, seed=0, layers=2):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=2, bos_token_id=1,
+                      pad_token_id=2)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 0.3)   # tied head: keeps initial logits soft (std ~ 1.7)
+    return model
+
+
+def toy_batch(model, prompts, G, M, temperature, seed=0):
+    ids, mask, sampling_logp = generate(model, prompts, group_size=G, max_new_tokens=M, temperature=temperature,
+                                        eos_token_ids=(2,), seed=seed)
+    # generate runs under inference_mode: clone into ordinary tensors, as grpo.sample_and_score does
+    return {"prompts": prompts, "comp_ids": ids.clone(), "comp_mask": mask.clone()}, sampling_logp.clone()
+
+
+def cfg_for(**kw):
+    base = grpo.Config(temperature=0.8, group_size=4, micro_batch=3, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
+                       grad_clip=0.0)
+    return replace(base, **kw)
+
+
+PROMPTS = [[1, 5, 9, 12, 7], [1, 30], [1, 4, 4, 8, 15, 16, 23, 42]]   # different lengths: left padding matters
+
+
+def test_completion_logprobs_match_sampler_and_full_sequence():
+    model = tiny_model()
+    batch, sampling_logp = toy_batch(model, PROMPTS, G=3, M=10, temperature=0.7, seed=3)
+    rows = list(range(9))
+    rows_prompt = torch.tensor([r // 3 for r in rows])
+    outs, grads = [], []
+    for share in (True, False):
+        model.zero_grad()
+        logp, ent = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt,
+                                             0.7, share_prompt=share, return_entropy=True)
+        (logp * batch["comp_mask"]).sum().backward()
+        outs.append(logp.detach())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    mask = batch["comp_mask"].bool()
+    # float32 forward passes over the same numbers in a different order (cache vs full sequence): 1e-5
+    assert torch.allclose(outs[0][mask], outs[1][mask], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # the sampler's log-probs came from softmax(logits / T) one token at a time: the recomputation must agree,
+    # otherwise the ratio would not be 1 at the first step (the classic "forgot the temperature" bug)
+    assert torch.allclose(outs[0][mask], sampling_logp[mask], atol=1e-4)
+    assert (outs[0][~mask] == 0).all()
+
+
+def test_one_step_raises_positive_and_lowers_negative_completion():
+    model = tiny_model(seed=1)
+    batch, _ = toy_batch(model, [PROMPTS[0]], G=2, M=8, temperature=1.0, seed=5)
+    rows_prompt = torch.tensor([0, 0])
+
+    def seq_logp():
+        with torch.no_grad():
+            lp = grpo.completion_logprobs(model, batch["prompts"], batch["comp_ids"], batch["comp_mask"],
+                                          rows_prompt, 1.0)
+        return (lp * batch["comp_mask"]).sum(1)                                          # (2,)
+
+    before = seq_logp()
+    cfg = cfg_for(group_size=2, lr=1e-3, micro_batch=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    grpo.policy_update(model, None, opt, batch, torch.tensor([1.0, -1.0]), [0, 1], cfg, 0, 1)
+    after = seq_logp()
+    assert after[0] > before[0] + 1e-3          # positive advantage: more likely
+    assert after[1] < before[1] - 1e-3          # negative advantage: less likely
+
+
+def test_mu2_uses_stored_old_logprobs():
+    model = tiny_model(seed=2)
+    batch, _ = toy_batch(model, PROMPTS, G=4, M=8, temperature=0.8, seed=7)
+    adv = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    cfg = cfg_for(mu=2, lr=3e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    hist = grpo.policy_update(model, None, opt, batch, adv, list(range(12)), cfg, 0, 2)
+    assert len(hist) == 2
+    # first inner iteration: old log-probs were computed by the same weights, ratio 1 up to float32 noise
+    assert hist[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    # second: the weights moved but old log-probs did not, so the ratio departs from 1 (and the clip can act)
+    assert abs(hist[1]["ratio_mean"] - 1.0) > 1e-3
+    # mu = 1 on the same batch for contrast: old = logp.detach(), ratio exactly 1
+    hist1 = grpo.policy_update(model, None, opt, batch, adv, list(range(12)), cfg_for(mu=1, lr=3e-2), 0, 1)
+    assert hist1[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_lora_reference_is_base_and_only_adapters_train():
+    model = tiny_model(seed=3)
+    batch, _ = toy_batch(model, PROMPTS, G=2, M=6, temperature=1.0, seed=1)
+    rows_prompt = torch.tensor([r // 2 for r in range(6)])
+    with torch.no_grad():
+        base_lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    grpo.add_lora(model, rank=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    cfg = cfg_for(group_size=2, lora_rank=4, beta=0.1, lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    adv = torch.tensor([1.0, -1.0] * 3)
+    for _ in range(3):
+        hist = grpo.policy_update(model, None, opt, batch, adv, list(range(6)), cfg, 0, 3)
+    assert hist[0]["kl"] > 0                     # the policy moved away from the adapters-off reference
+    with torch.no_grad(), grpo.adapters_off(model):
+        ref_lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
+    assert torch.allclose(ref_lp, base_lp, atol=1e-6)     # adapters off == the untouched base weights
+    # the merged layers hold W + scale * B A under the Hugging Face names
+    with grpo.lora_merged(model):
+        merged = model.state_dict()
+    assert set(merged) == set(base_state)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base_state["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_toy_task_reward_rises():
+    # Toy task: the reward is the share of completion tokens below 16 (a quarter of the vocabulary at the start).
+    # 30 seeded steps of 3 prompts x 8 completions must raise it well above the start.
+    model = tiny_model(seed=4)
+    cfg = cfg_for(group_size=8, micro_batch=12, lr=1e-2, max_new_tokens=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    means = []
+    for step in range(30):
+        batch, _ = toy_batch(model, PROMPTS, G=8, M=8, temperature=1.0, seed=step)
+        m = batch["comp_mask"]
+        reward = ((batch["comp_ids"] < 16).float() * m).sum(1) / m.sum(1)                      # (24,)
+        means.append(reward.mean().item())
+        adv = grpo.group_advantages(reward, 8)
+        grpo.policy_update(model, None, opt, batch, adv, list(range(24)), cfg, step, 30)
+    first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
+    assert last > first + 0.25, (first, last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main(): the whole loop on a tiny random model with the built-in tokenizer and the built-in data
+
+def toy_reward(completion, record, stage):
+    """Replaces rewards.stage_reward so a random model gets a signal: the share of ASCII letters among the
+    characters (random tokens of a 49k vocabulary give anything from 0 to 1)."""
+    letters = sum(c.isascii() and c.isalpha() for c in completion)
+    return letters / max(1, len(completion)), {"letters": float(letters), "format": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    try:
+        from model import load_tokenizer
+        tok = load_tokenizer("builtin")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
+    model = tiny_model(vocab=len(tok), seed=5)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+def run_args(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--out", str(out), "--batch-prompts", "2", "--group-size", "3",
+            "--max-new-tokens", "6", "--max-prompt-tokens", "400", "--micro-batch", "4", "--lr", "3e-3",
+            "--warmup-steps", "1", "--no-progress", "--save-every", "100", *extra]
+
+
+def read_metrics(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}
+            for line in Path(path).read_text().splitlines()]
+
+
+def test_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
+    import rewards
+    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
+    grpo.main(run_args(tiny_dir, tmp_path / "full", "--steps", "4", "--mu", "2", "--beta", "0.05"))
+    grpo.main(run_args(tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05",
+                       "--stop-after", "2"))
+    assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 2
+    grpo.main(run_args(tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05", "--resume"))
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert len(full) == 4 and resumed == full           # CPU, same seeds: bit-identical metrics
+    assert full[-1]["grad_norm"] > 0                     # the run really trained
+    # the checkpoint is a Hugging Face directory our loader (and transformers) can read, state loads weights_only
+    assert (tmp_path / "cut" / "checkpoint" / "model.safetensors").is_file()
+    state = grpo.load_trainer_state(tmp_path / "cut" / "checkpoint")
+    assert state["step"] == 4 and state["opt_step"] == 8
+    m1 = Transformer.from_pretrained(tmp_path / "full" / "checkpoint")
+    m2 = Transformer.from_pretrained(tmp_path / "cut" / "checkpoint")
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    import grpo, rewards
+    sys.path.insert(0, {tests!r})
+    from test_grpo import tiny_model, toy_batch, cfg_for, PROMPTS, toy_reward
+    rank, world, _ = grpo.setup_distributed()
+    # 1. the same fixed batch, split by groups over the ranks: loss and update equal the single process's.
+    #    SGD, so the update is lr * gradient (Adam's first step, lr * sign(g), would magnify float noise).
+    results = {{}}
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        model = tiny_model(seed=6)
+        batch, _ = toy_batch(model, PROMPTS[:2], G=4, M=8, temperature=0.9, seed=11)
+        adv = torch.randn(8, generator=torch.Generator().manual_seed(1))
+        cfg = cfg_for(micro_batch=3, beta=0.0, loss_agg=agg, lr=0.1)
+        if world > 1:
+            sl = slice(rank * 4, rank * 4 + 4)
+            batch = {{"prompts": [PROMPTS[rank]], "comp_ids": batch["comp_ids"][sl],
+                      "comp_mask": batch["comp_mask"][sl]}}
+            adv = adv[sl]
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        hist = grpo.policy_update(model, None, opt, batch, adv, list(range(len(adv))), cfg, 0, 1)
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        results[agg] = {{"loss": hist[0]["loss"], "grad_norm": hist[0]["grad_norm"], "params": flat.tolist()}}
+    if rank == 0:
+        json.dump(results, open({result!r}, "w"))
+    # 2. the whole loop under torchrun completes
+    rewards.stage_reward = toy_reward
+    grpo.main(sys.argv[1:])
+""")
+
+
+def test_two_processes_match_single_process(tiny_dir, tmp_path):
+    results = {}
+    for nproc in (1, 2):
+        result = tmp_path / f"result{nproc}.json"
+        script = tmp_path / f"worker{nproc}.py"
+        script.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), result=str(result)))
+        out = tmp_path / f"run{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(script), *run_args(tiny_dir, out, "--steps", "2", "--batch-prompts", str(2 // nproc))]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[nproc] = json.loads(result.read_text())
+        assert len(read_metrics(out / "metrics.jsonl")) == 2
+        assert (out / "checkpoint" / "model.safetensors").is_file()
+    for agg in results[1]:
+        one, two = results[1][agg], results[2][agg]
+        # same math, different summation order (gloo adds the ranks' partial gradients): float32 tolerances
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7), agg
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), agg
+        # SGD lr 0.1: a parameter moves by 0.1 * grad, so 1e-6 allows 1e-5 of gradient noise
+        assert torch.allclose(torch.tensor(two["params"]), torch.tensor(one["params"]), atol=1e-6), agg
