@@ -381,6 +381,12 @@ LIST_EXAMPLE = dict(
     answer="<think>Documents [1] and [2] name rivers that flow into Lake Quenby.</think><answer>Arle River [1], "
            "Brisk River [2]</answer>")
 
+REFUSAL_EXAMPLE = dict(
+    question="What is the depth of Lake Varrow?",
+    docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
+          ("Mount Pellor", "Mount Pellor has a height of 4075 meters.")],
+    answer=f"<think>No document is about Lake Varrow.</think><answer>{REFUSAL_SENTENCE}</answer>")
+
 
 def fill(template: str, values: dict) -> str:
     """Replace {KEY} placeholders in one pass (a question containing "{D}" stays as written)."""
@@ -391,17 +397,24 @@ def render_docs(docs: list[tuple[str, str]]) -> str:
     return "".join(fill(DOC_PROMPT, {"ID": i, "T": t, "P": p}) for i, (t, p) in enumerate(docs, start=1))
 
 
-def render_user(record: Record, texts: list[str], instruction: str, worked_example: bool) -> str:
-    """The one user turn: instruction, optional worked example, then the question and its documents:
-    "{INST}\\n\\nQuestion: {Q}\\n\\n{D}\\nAnswer:" (the example repeats the template without the instruction)."""
-    docs = [(d["title"], t) for d, t in zip(record.docs, texts)]
-    target = fill(DEMO_PROMPT, {"INST": "", "Q": record.question, "D": render_docs(docs), "A": ""}).strip()
-    if not worked_example:
+def render_demo(question: str, docs: list[tuple[str, str]], answer: str) -> str:
+    """The Trust-Score demo template without its instruction: "Question: {Q}\\n\\n{D}\\nAnswer: {A}"."""
+    return fill(DEMO_PROMPT, {"INST": "", "Q": question, "D": render_docs(docs), "A": answer}).strip()
+
+
+def render_user(record: Record, texts: list[str], instruction: str, worked_example: bool,
+                refusal_example: bool = False) -> str:
+    """The one user turn: the instruction, optional worked examples, then the question and its documents."""
+    target = render_demo(record.question, [(d["title"], t) for d, t in zip(record.docs, texts)], "")
+    examples = []
+    if worked_example:
+        examples.append(LIST_EXAMPLE if record.is_list else EXAMPLE)
+    if refusal_example:
+        examples.append(REFUSAL_EXAMPLE)
+    if not examples:
         return f"{instruction}\n\n{target}"
-    ex = LIST_EXAMPLE if record.is_list else EXAMPLE
-    demo = fill(DEMO_PROMPT, {"INST": "", "Q": ex["question"], "D": render_docs(ex["docs"]),
-                              "A": ex["answer"]}).strip()
-    return f"{instruction}\n\nExample:\n{demo}{DEMO_SEP}{target}"
+    demos = DEMO_SEP.join(render_demo(ex["question"], ex["docs"], ex["answer"]) for ex in examples)
+    return f"{instruction}\n\n{'Examples' if len(examples) > 1 else 'Example'}:\n{demos}{DEMO_SEP}{target}"
 
 
 def chat_ids(tokenizer, user: str) -> list[int]:
@@ -411,15 +424,18 @@ def chat_ids(tokenizer, user: str) -> list[int]:
 
 
 def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worked_example: bool = True,
-                 instruction: str | None = None) -> tuple[list[int], str]:
+                 instruction: str | None = None, refusal_example: bool = False) -> tuple[list[int], str]:
     """(prompt_ids, prefill): the chat-templated prompt, ending inside the assistant turn with `prefill`
     ("<think>") already in it; score prefill + decoded completion. The system message is the one format sentence.
+    worked_example adds a short cited example (tags and citation shown: the 135M model writes neither without
+    one); refusal_example adds a second one whose answer is the refusal sentence (for stage 2: the untrained model
+    never refuses, so without it the refusal reward has nothing to reinforce). Each costs ~70-110 tokens.
 
     Fits max_prompt_tokens by cutting document texts to a common token cap (longest first; titles, question,
     instruction and example are never cut). Raises DataError if even empty documents do not fit."""
     instruction = instruction if instruction is not None else INSTRUCTIONS.get(record.source, INSTRUCTION)
     texts = [d["text"] for d in record.docs]
-    ids = chat_ids(tokenizer, render_user(record, texts, instruction, worked_example))
+    ids = chat_ids(tokenizer, render_user(record, texts, instruction, worked_example, refusal_example))
     if len(ids) <= max_prompt_tokens:
         return ids, PREFILL
     doc_tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # per doc (L_i,)
@@ -427,7 +443,7 @@ def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worke
     for _ in range(10):  # re-tokenizing the joined text can differ by a token or two: tighten and retry
         cap = water_level(lengths=[len(t) for t in doc_tokens], remove=over)
         texts = [tokenizer.decode(t[:cap]).strip() for t in doc_tokens]
-        ids = chat_ids(tokenizer, render_user(record, texts, instruction, worked_example))
+        ids = chat_ids(tokenizer, render_user(record, texts, instruction, worked_example, refusal_example))
         if len(ids) <= max_prompt_tokens:
             return ids, PREFILL
         if cap == 0:

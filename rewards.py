@@ -163,6 +163,16 @@ def citations_support(cites: list[int], groups: list[int], record) -> bool:
     return all(any(doc_has_group(d, g, record.answers[g]) for d in docs) for g in groups)
 
 
+def protect_commas(answer: str, answers: list[list[str]]) -> str:
+    """List answers are split on commas, which would cut a gold alias like "University of California, Berkeley"
+    in two. Where such an alias occurs in the answer (ignoring case), its commas become spaces before splitting."""
+    for aliases in answers:
+        for a in aliases:
+            if "," in a and a.strip(", "):
+                answer = re.sub(re.escape(a), lambda m: m.group(0).replace(",", " "), answer, flags=re.IGNORECASE)
+    return answer
+
+
 def score_statements(answer: str, record) -> dict:
     """R_EM and R_citation of an answer, statement by statement.
 
@@ -172,6 +182,8 @@ def score_statements(answer: str, record) -> dict:
     credited: set[int] = set()
     em = citation = 0.0
     n_em = n_cited = n_supported = 0
+    if record.is_list:
+        answer = protect_commas(answer, record.answers)
     statements = split_statements(answer, record.is_list)
     for s in statements:
         new = [g for g in matched_groups(s, record.answers) if g not in credited]

@@ -262,6 +262,25 @@ def test_build_prompt_synthetic(tok):
     assert max(lengths) <= 420
 
 
+def test_build_prompt_refusal_example(tok):
+    r = data.synthetic_records("train", 1, seed=0)[0]
+    one, _ = data.build_prompt(r, tok)
+    both, _ = data.build_prompt(r, tok, refusal_example=True)
+    text = tok.decode(both)
+    assert data.REFUSAL_EXAMPLE["answer"] in text and data.EXAMPLE["answer"] in text
+    assert text.index(data.REFUSAL_EXAMPLE["question"]) < text.index(f"Question: {r.question}")
+    assert len(one) < len(both) <= 520  # measured ~460 tokens with both examples
+    # The example answers themselves score as intended (by hand: 1 + 1 + 0.5 + 0.5 = 3 and 1 + 1 + 1 = 3).
+    ex = data.Record("ex", data.EXAMPLE["question"], [["2310"]],
+                     [{"title": t, "text": p, "answers_found": None} for t, p in data.EXAMPLE["docs"]], True,
+                     "synthetic")
+    assert rewards.stage_reward(data.EXAMPLE["answer"], ex, 1)[0] == 3.0
+    rx = data.Record("rx", data.REFUSAL_EXAMPLE["question"], [["777"]],
+                     [{"title": t, "text": p, "answers_found": None} for t, p in data.REFUSAL_EXAMPLE["docs"]],
+                     False, "synthetic")
+    assert rewards.stage_reward(data.REFUSAL_EXAMPLE["answer"], rx, 2)[0] == 3.0
+
+
 def test_build_prompt_list_example(tok):
     r = data.synthetic_records("train", 1, seed=0)[0]
     r.is_list = True

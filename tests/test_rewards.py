@@ -57,6 +57,11 @@ M = rec("Who scored the most goals?", [["Josef Bican", "Bican"], ["Ali Daei"]],
 N = rec("How many moons does Zed have?", [["1", "one"]],
         [doc("Zed", "Zed has 1 moon.", [1]), doc("Kor", "Kor has 4 moons.", [0])], answerable=True)
 
+# UNI: a list question whose gold alias contains a comma (5 of QAMPARI dev's 750 aliases do).
+UNI = rec("Where did X study?", [["University of California, Berkeley"], ["Yale Law School", "Yale"]],
+          [doc("X", "X studied at the University of California, Berkeley.", [1, 0]),
+           doc("X", "X went to Yale Law School.", [0, 1])], answerable=True, is_list=True)
+
 
 def wrap(answer, think="reasoning"):
     return f"<think>{think}</think><answer>{answer}</answer>"
@@ -174,10 +179,13 @@ CASES = [
     # 35. Two sentences, one group each, citation after the period of the first: em 1.0 + cit 1.0: 4.0.
     ("two sentences", wrap("Bican holds the record. [1] Ali Daei leads for Iran [2]."), M, 1, 4.0,
      dict(tag_count=1, format=1, em=1.0, citation=1.0, refusal=0)),
-    # 36. Gold "1": the citation "[1]" is removed before matching, and no other "1"/"one" is written: 2.0.
+    # 36. A comma inside a gold alias does not split the item: two items, both EM and supported: 2 + 1 + 1 = 4.
+    ("list, comma inside gold alias", wrap("University of California, Berkeley [1], Yale [2]"), UNI, 1, 4.0,
+     dict(tag_count=1, format=1, em=1.0, citation=1.0, refusal=0)),
+    # 37. Gold "1": the citation "[1]" is removed before matching, and no other "1"/"one" is written: 2.0.
     ("citation is not an answer", wrap("Zed has moons [1]."), N, 1, 2.0,
      dict(tag_count=1, format=1, em=0, citation=0, refusal=0)),
-    # 37. Gold "1" written out: em 0.5 + cit 0.5: 3.0.
+    # 38. Gold "1" written out: em 0.5 + cit 0.5: 3.0.
     ("small number answer", wrap("Zed has 1 moon [1]."), N, 1, 3.0,
      dict(tag_count=1, format=1, em=0.5, citation=0.5, refusal=0)),
 ]
