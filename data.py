@@ -170,16 +170,14 @@ def load_records(path, skip_bad: bool = False) -> list[Record]:
 SYLLABLES = ("ka", "lo", "ve", "ri", "ta", "mo", "su", "de", "ni", "pa", "ro", "fe", "ga", "zu", "be", "ti", "ha",
              "mi", "no", "sa", "ku", "le", "vo", "dra", "sel", "tor", "vin", "bar", "quel", "osk")
 
-# kind: (name pattern, attribute, unit, value range, document sentence patterns)
+# kind: (name pattern, attribute, value range, document sentence patterns)
 KINDS = {
-    "lake": ("Lake {}", "depth", "meters", (8, 950), ("{name} has a depth of {v} meters.",
-                                                       "{name} is {v} meters deep.")),
-    "mountain": ("Mount {}", "height", "meters", (1200, 8800), ("{name} has a height of {v} meters.",
-                                                                 "{name} is {v} meters high.")),
-    "river": ("{} River", "length", "kilometers", (15, 4900), ("{name} has a length of {v} kilometers.",
-                                                                "{name} is {v} kilometers long.")),
-    "city": ("{}", "founding year", "", (1050, 1990), ("{name} was founded in {v}.",
-                                                       "{name} is a city founded in {v}.")),
+    "lake": ("Lake {}", "depth", (8, 950), ("{name} has a depth of {v} meters.", "{name} is {v} meters deep.")),
+    "mountain": ("Mount {}", "height", (1200, 8800), ("{name} has a height of {v} meters.",
+                                                      "{name} is {v} meters high.")),
+    "river": ("{} River", "length", (15, 4900), ("{name} has a length of {v} kilometers.",
+                                                  "{name} is {v} kilometers long.")),
+    "city": ("{}", "founding year", (1050, 1990), ("{name} was founded in {v}.", "{name} is a city founded in {v}.")),
 }
 # Two-hop bridge: a city that lies next to a lake, mountain or river (the document carries no number).
 BRIDGE = {"lake": ("{city} is a city on the shore of {name}.", "the lake next to {city}"),
@@ -201,7 +199,7 @@ def base_names(split: str) -> list[str]:
 
 
 def fact_doc(rng: random.Random, kind: str, base: str, value: int) -> dict:
-    pattern, _, _, _, sentences = KINDS[kind]
+    pattern, _, _, sentences = KINDS[kind]
     name = pattern.format(base)
     return {"title": name, "text": rng.choice(sentences).format(name=name, v=value)}
 
@@ -210,15 +208,14 @@ def synthetic_record(rng: random.Random, names: list[str], rid: str, answerable:
                      k: int = 5) -> Record:
     """One question with k documents (see the comment above)."""
     kind = rng.choice(["lake", "mountain", "river"] if two_hop else list(KINDS))
-    pattern, attribute, _, (lo, hi), _ = KINDS[kind]
-    n_random = k - (3 if two_hop else 2)  # evidence (+ bridge) + one same-kind distractor + random ones
+    pattern, attribute, (lo, hi), _ = KINDS[kind]
     bases = rng.sample(names, k)  # target, same-kind distractor, [bridge city,] random distractors
-    values = rng.sample(range(lo, hi), 2)
-    target, same = bases[0], bases[1]
+    values = rng.sample(range(lo, hi), 2)  # (gold, the same-kind distractor's value)
+    target = bases[0]
     gold = str(values[0])
 
     evidence = fact_doc(rng, kind, target, values[0])
-    docs = [fact_doc(rng, kind, same, values[1])]
+    docs = [fact_doc(rng, kind, bases[1], values[1])]
     if two_hop:
         city = bases[2]
         bridge_sentence, phrase = BRIDGE[kind]
@@ -229,19 +226,12 @@ def synthetic_record(rng: random.Random, names: list[str], rid: str, answerable:
     random_bases = bases[3:] if two_hop else bases[2:]
     used = {values[0], values[1]}  # every number in the record is distinct, so answers_found is unambiguous
     distractor_kinds = [kk for kk in KINDS if kk != kind]
-    fillers = []
-    for b in random_bases:
-        dk = rng.choice(distractor_kinds)
-        v = rng.randrange(*KINDS[dk][3])
-        while v in used:
-            v = rng.randrange(*KINDS[dk][3])
-        used.add(v)
-        fillers.append(fact_doc(rng, dk, b, v))
-    docs += fillers[:n_random]
+    docs += [random_distractor(rng, b, distractor_kinds, used) for b in random_bases]
     if answerable:
         docs.append(evidence)
-    else:  # the evidence is removed: one more distractor takes its place
-        docs.append(extra_distractor(rng, names, set(bases), distractor_kinds, used))
+    else:  # the evidence is removed: one more distractor, about an entity not yet in the record, takes its place
+        extra = rng.choice([b for b in rng.sample(names, k + 1) if b not in bases])
+        docs.append(random_distractor(rng, extra, distractor_kinds, used))
     rng.shuffle(docs)
     answers = [[gold]]
     for d in docs:
@@ -252,17 +242,14 @@ def synthetic_record(rng: random.Random, names: list[str], rid: str, answerable:
     return Record(rid, question, answers, docs, answerable, "synthetic", is_list=False, meta=meta)
 
 
-def extra_distractor(rng, names, taken: set, kinds: list[str], used: set) -> dict:
-    base = rng.choice(names)
-    while base in taken:
-        base = rng.choice(names)
-    taken.add(base)
-    dk = rng.choice(kinds)
-    v = rng.randrange(*KINDS[dk][3])
+def random_distractor(rng: random.Random, base: str, kinds: list[str], used: set) -> dict:
+    """A fact about `base` of a random kind, with a number not yet used in the record."""
+    kind = rng.choice(kinds)
+    v = rng.randrange(*KINDS[kind][2])
     while v in used:
-        v = rng.randrange(*KINDS[dk][3])
+        v = rng.randrange(*KINDS[kind][2])
     used.add(v)
-    return fact_doc(rng, dk, base, v)
+    return fact_doc(rng, kind, base, v)
 
 
 def synthetic_records(split: str = "train", n: int = 1000, seed: int = 0, two_hop_share: float = 0.2,

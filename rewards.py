@@ -105,8 +105,8 @@ def parse_citations(statement: str) -> list[int]:
 
 
 # A sentence ends at . ! or ?, optionally followed by citations and more end punctuation ("... 1783 [3]." or
-# "... 1783. [3]"), then whitespace or the end of the text. "12.5" and "A.D." inside a sentence do not end it
-# because no whitespace follows the period (except for "A.D. " before a new word; a rule splitter accepts that).
+# "... 1783. [3]" or "632 A.D. [1][2]."), then whitespace or the end of the text. "12.5" does not end a sentence
+# (no whitespace after the period); an abbreviation before a space ("Dr. Kim") does: a rule-based splitter's limit.
 _SENTENCE_END_RE = re.compile(r"[.!?]+(?:\s*\[\d+\])*[.!?]*(?=\s|$)")
 
 
