@@ -44,7 +44,12 @@ class DataError(ValueError):
 def read_raw_records(path: Path) -> list[tuple[str, object]]:
     """(where, raw record) pairs: "record i" for a JSON list, "line n" for JSONL. Malformed JSON raises DataError,
     except that a JSONL line that does not parse is returned as a DataError value (so skip_bad can skip it)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte {e.start}: not UTF-8 text") from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -62,23 +67,25 @@ def read_raw_records(path: Path) -> list[tuple[str, object]]:
     return out
 
 
-def gold_groups(raw: dict) -> tuple[str, list[list[str]], str]:
-    """(source, gold groups, field name) of one raw record, by schema:
+def gold_groups(raw: dict) -> tuple[str, list[list[str]]]:
+    """(source, gold groups) of one raw record, by schema:
     ASQA qa_pairs[].short_answers, QAMPARI answers (alias lists), ELI5 claims (each its own group)."""
     if "qa_pairs" in raw:
         pairs = raw["qa_pairs"]
         if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
             raise ValueError("qa_pairs: expected a list of objects")
         groups = [p.get("short_answers") for p in pairs]
-        return "asqa", check_groups(groups, "qa_pairs[].short_answers"), "qa_pairs"
+        return "asqa", check_groups(groups, "qa_pairs[].short_answers")
     if "answers" in raw:
-        groups = [[a] if isinstance(a, str) else a for a in (raw["answers"] or [])]
-        return "qampari", check_groups(groups, "answers"), "answers"
+        if not isinstance(raw["answers"], list):
+            raise ValueError("answers: expected a list of alias lists")
+        groups = [[a] if isinstance(a, str) else a for a in raw["answers"]]  # a bare string is a group of one
+        return "qampari", check_groups(groups, "answers")
     if "claims" in raw:
         claims = raw["claims"]
         if not isinstance(claims, list) or not all(isinstance(c, str) for c in claims):
             raise ValueError("claims: expected a list of strings")
-        return "eli5", [[c] for c in claims], "claims"
+        return "eli5", [[c] for c in claims]
     raise ValueError("schema: unknown record schema (none of qa_pairs, answers, claims)")
 
 
@@ -127,7 +134,7 @@ def parse_record(raw, where: str, path: Path) -> Record:
     question = raw.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question: missing or empty")
-    source, answers, _ = gold_groups(raw)
+    source, answers = gold_groups(raw)
     docs = parse_docs(raw.get("docs"), len(answers))
     fill_answers_found(docs, answers)
     answerable = any(any(d["answers_found"]) for d in docs)

@@ -96,6 +96,9 @@ def write_json(tmp_path, records, name="d.json"):
     ({"question": "Q?", "answers": [["x"], ["y"]], "docs": GOOD["docs"]}, "record 1", "docs[0].answers_found"),
     ({"question": "Q?", "qa_pairs": [{"short_answers": "x"}], "docs": GOOD["docs"]}, "record 1", "short_answers"),
     ({"question": "Q?", "claims": "one claim", "docs": GOOD["docs"]}, "record 1", "claims"),
+    ({"question": "Q?", "answers": "x", "docs": GOOD["docs"]}, "record 1", "answers"),
+    ({"question": "Q?", "answers": [["x"]], "docs": [{"text": "x", "answers_found": ["1"]}]}, "record 1",
+     "docs[0].answers_found"),
     ("not an object", "record 1", "record"),
 ])
 def test_bad_record_errors(tmp_path, bad, where, field):
@@ -136,6 +139,13 @@ def test_missing_answers_found_filled_by_substring(tmp_path):
     (r,) = data.load_records(write_json(tmp_path, [rec]))
     # "arle rivers" contains "arle river" (+s); "coles" contains "cole" (+s): both flags 1.
     assert [d["answers_found"] for d in r.docs] == [[1, 0], [0, 1]] and r.answerable
+
+
+def test_not_utf8(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_bytes(b'[{"question": "caf\xe9"}]')
+    with pytest.raises(data.DataError, match=r"d\.json: byte 18: not UTF-8"):
+        data.load_records(p)
 
 
 def test_load_data_missing_path():
