@@ -42,15 +42,17 @@ class DataError(ValueError):
 
 
 def read_raw_records(path: Path) -> list[tuple[str, object]]:
-    """(where, raw record) pairs: "record i" for a JSON list, "line n" for JSONL. Malformed JSON raises DataError,
-    except that a JSONL line that does not parse is returned as a DataError value (so skip_bad can skip it)."""
+    """(where, raw record) pairs: "record i" (0-based) for a JSON list, "line n" (1-based) for JSONL. A .jsonl file
+    is always read line by line; another file is a JSON list if it starts with "[", else JSONL. A malformed JSON
+    list raises DataError; a JSONL line that does not parse is returned as a DataError value (so skip_bad can skip
+    it)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: byte {e.start}: not UTF-8 text") from None
-    if text.lstrip().startswith("["):
+    if path.suffix != ".jsonl" and text.lstrip().startswith("["):  # a JSON list (ALCE's own files)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -3,9 +3,12 @@
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -139,6 +142,29 @@ def test_missing_answers_found_filled_by_substring(tmp_path):
     (r,) = data.load_records(write_json(tmp_path, [rec]))
     # "arle rivers" contains "arle river" (+s); "coles" contains "cole" (+s): both flags 1.
     assert [d["answers_found"] for d in r.docs] == [[1, 0], [0, 1]] and r.answerable
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["question", "docs", "answers", "qa_pairs", "short_answers", "claims", "title", "text",
+                         "answers_found", "id"]), inner, max_size=6),
+    max_leaves=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(json_values, max_size=5))
+def test_property_loader_never_crashes(values):
+    # Any JSON values as JSONL lines: either records or a DataError, never another exception; skip_bad never raises.
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.jsonl"
+        p.write_text("\n".join(json.dumps(v) for v in values))
+        try:
+            data.load_records(p)
+        except data.DataError as e:
+            assert str(p) in str(e) and "\n" not in str(e)
+        good = data.load_records(p, skip_bad=True)
+        assert all(isinstance(r, data.Record) and len(r.docs) >= 1 for r in good)
 
 
 def test_not_utf8(tmp_path):
