@@ -306,14 +306,20 @@ def test_build_prompt_refusal_example(tok):
     assert data.REFUSAL_EXAMPLE["answer"] in text and data.EXAMPLE["answer"] in text
     assert text.index(data.REFUSAL_EXAMPLE["question"]) < text.index(f"Question: {r.question}")
     assert len(one) < len(both) <= 520  # measured ~460 tokens with both examples
-    # The example answers themselves score as intended (by hand: 1 + 1 + 0.5 + 0.5 = 3 and 1 + 1 + 1 = 3).
-    ex = data.Record("ex", data.EXAMPLE["question"], [["2310"]],
-                     [{"title": t, "text": p, "answers_found": None} for t, p in data.EXAMPLE["docs"]], True,
-                     "synthetic")
-    assert rewards.stage_reward(data.EXAMPLE["answer"], ex, 1)[0] == 3.0
-    rx = data.Record("rx", data.REFUSAL_EXAMPLE["question"], [["777"]],
-                     [{"title": t, "text": p, "answers_found": None} for t, p in data.REFUSAL_EXAMPLE["docs"]],
-                     False, "synthetic")
+
+
+def example_record(ex, gold, answerable, is_list=False):
+    docs = [{"title": t, "text": p, "answers_found": None} for t, p in ex["docs"]]  # support by substring
+    return data.Record("ex", ex["question"], gold, docs, answerable, "synthetic", is_list=is_list)
+
+
+def test_worked_examples_earn_full_reward():
+    # By hand: the cited example 1 + 1 + 0.5 + 0.5 = 3 (stage 1); the list example two supported items
+    # 1 + 1 + 2*0.5 + 2*0.5 = 4; the refusal example on its unanswerable documents 1 + 1 + rscore 1 = 3 (stage 2).
+    assert rewards.stage_reward(data.EXAMPLE["answer"], example_record(data.EXAMPLE, [["2310"]], True), 1)[0] == 3.0
+    lst = example_record(data.LIST_EXAMPLE, [["Arle River"], ["Brisk River"]], True, is_list=True)
+    assert rewards.stage_reward(data.LIST_EXAMPLE["answer"], lst, 1)[0] == 4.0
+    rx = example_record(data.REFUSAL_EXAMPLE, [["777"]], False)
     assert rewards.stage_reward(data.REFUSAL_EXAMPLE["answer"], rx, 2)[0] == 3.0
 
 
