@@ -457,3 +457,13 @@ def test_cli_generates_with_a_tiny_random_model(tmp_path):
     again = E.trust_score(records, [r["text"] for r in rows])
     assert all(scores[k] == approx(again[k]) for k in E.METRICS)
     assert scores["decoding"] == "greedy" and scores["max_new_tokens"] == 6
+
+
+def test_load_judge():
+    import operator
+    assert E.load_judge("operator:eq") is operator.eq
+    for spec, words in [("operator", "module:function"), ("no_such_module_xyz:f", "cannot load"),
+                        ("operator:no_such_function", "cannot load"), ("math:pi", "not callable")]:
+        with pytest.raises(SystemExit) as e:
+            E.load_judge(spec)
+        assert words in str(e.value) and "\n" not in str(e.value)
