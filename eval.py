@@ -360,7 +360,8 @@ def prediction_text(row, where):
 
 
 def load_predictions(path, records):
-    """Completions for records from a JSONL file (or a JSON list): matched by "id" when every row has one."""
+    """Completions for records from a JSONL file, a JSON list, or an ALCE result file ({"data": [...]}).
+    Rows are matched to records by "id" when every row has one, else by order."""
     path = Path(path)
     if not path.is_file():
         fail(f"--predictions {path}: no such file")
@@ -369,8 +370,10 @@ def load_predictions(path, records):
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             fail(f"--predictions {path}: not JSON ({e.msg}, line {e.lineno})")
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]   # an ALCE / Trust-Score result file: {"args": ..., "data": [{..., "output"}]}
         if not isinstance(rows, list):
-            fail(f"--predictions {path}: expected a JSON list")
+            fail(f"--predictions {path}: expected a JSON list (or an object with a 'data' list)")
     else:
         rows = read_jsonl(path)
     if rows and all(isinstance(r, dict) and "id" in r for r in rows):

@@ -391,6 +391,15 @@ def test_cli_scores_predictions_file(tmp_path):
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [x["refused"] for x in lines] == [False, True]
     assert "TRUST" in (out / "report.md").read_text()
+    # the run's own predictions.jsonl scores the same (rows matched by id, in reverse order here), and so does an
+    # ALCE-style result file {"data": [{"output": ...}]} (matched by order)
+    (tmp_path / "reversed.jsonl").write_text("".join(json.dumps(x) + "\n" for x in reversed(lines)))
+    (tmp_path / "alce_result.json").write_text(json.dumps({"data": [{"output": x["text"]} for x in lines]}))
+    for name in ("reversed.jsonl", "alce_result.json"):
+        proc = run_cli("--data", str(data), "--predictions", str(tmp_path / name), "--out", str(tmp_path / name[:4]))
+        assert proc.returncode == 0, proc.stderr
+        again = json.loads((tmp_path / name[:4] / "scores.json").read_text())
+        assert all(again[k] == scores[k] for k in E.METRICS), name
 
     # a second run where q1 is answered without a citation: F1_GC = 0, TRUST = (100 + 100 + 0) / 3
     preds.write_text(json.dumps({"text": completion("Paris is the capital.")}) + "\n"
