@@ -441,7 +441,7 @@ def evaluate(records, texts, judge=None):
 
 
 def fmt(x):
-    return f"{x:.2f}" if isinstance(x, float) else str(x)
+    return "-" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
 def report_markdown(scores, examples=()):
@@ -503,7 +503,7 @@ def compare_markdown(run_a, run_b):
         if k in a or k in b:
             va, vb = a.get(k), b.get(k)
             delta = f"{vb - va:+.2f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else ""
-            lines.append(f"| {k} | {fmt(va) if va is not None else '-'} | {fmt(vb) if vb is not None else '-'} | {delta} |")
+            lines.append(f"| {k} | {fmt(va)} | {fmt(vb)} | {delta} |")
     return f"A = {run_a}, B = {run_b}\n\n" + "\n".join(lines) + "\n"
 
 

@@ -476,3 +476,43 @@ def test_load_judge():
         with pytest.raises(SystemExit) as e:
             E.load_judge(spec)
         assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "alce").is_dir(), reason="../shared/data/alce not present")
+@pytest.mark.parametrize("name", ["asqa", "qampari", "eli5"])
+def test_real_dev_sets_refuse_all_and_oracle(name):
+    from data import load_records
+    path = SHARED / "data" / "alce" / f"{name}_dev50.json"
+    raw = json.loads(path.read_text())
+    records = load_records(path)
+    # answerable counted straight from the raw JSON: some document with a non-zero answers_found
+    n = len(raw)
+    n_unans = sum(not any(any(d.get("answers_found") or []) for d in r["docs"]) for r in raw)
+    assert 0 < n_unans < n
+    # refuse everything: AR 0; refusal P = n_unans / n, R = 1; answer F1 0 -> F1_GR = F1(P, 1) / 2; rest 0
+    s = E.trust_score(records, [completion(REFUSAL)] * n)
+    p = n_unans / n
+    assert s["AR"] == 0.0 and s["F1_GR"] == approx(100 * (2 * p / (p + 1)) / 2)
+    assert s["F1_AC"] == 0.0 and s["F1_GC"] == 0.0
+    # an oracle: refuse the unanswerable, answer each supported gold group once, citing the first document
+    # that has it. QAMPARI (comma items) must then score 100 on every part; ASQA and ELI5 come close but not
+    # exactly (ASQA: initials like "H. H." split sentences; ELI5: the lexical judge finds extra claims).
+    preds = []
+    for r in raw:
+        if name == "asqa":
+            groups = [qa["short_answers"] for qa in r["qa_pairs"]]
+        else:
+            groups = [[c] for c in r["claims"]] if name == "eli5" else r["answers"]
+        parts = []
+        for g, aliases in enumerate(groups):
+            cite = next((j for j, d in enumerate(r["docs"]) if d["answers_found"][g]), None)
+            if cite is not None:
+                parts.append(f"{aliases[0].rstrip('.')} [{cite + 1}]")
+        sep = ", " if name == "qampari" else ". "
+        preds.append(completion(sep.join(parts) + "." if parts else REFUSAL))
+    s = E.trust_score(records, preds)
+    assert s["F1_GR"] == approx(100.0) and s["AR"] == approx(100 * (n - n_unans) / n)
+    if name == "qampari":
+        assert all(s[k] == approx(100.0) for k in E.METRICS if k != "AR")
+    else:
+        assert s["TRUST"] > 95.0
