@@ -1,0 +1,90 @@
+"""Completion tokens per second: our KV-cached group sampler against transformers' generate, same process.
+
+Same model (the built-in SmolLM2-135M-Instruct, float32), same 4 chat prompts, G = 8 completions each, 128 new
+tokens per row, temperature 0.7, top-p 0.9. EOS does not stop either side (ours: no EOS ids; transformers:
+min_new_tokens = max_new_tokens), so both produce exactly 4 * 8 * 128 tokens and the rates compare the same work.
+Runs alternate (ours, theirs, ours, theirs, ...) after a warm-up so machine noise hits both alike.
+
+    python bench/generate.py [--reps 3] [--new-tokens 128]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import model as M  # noqa: E402
+
+QUESTIONS = [
+    "Document [1](Title: Lake Varnis): Lake Varnis has a depth of 412 meters.\nDocument [2](Title: Mount Orel): "
+    "Mount Orel is 5,210 meters high.\n\nQuestion: What is the depth of Lake Varnis?",
+    "Write a short poem about a river that flows through a quiet city at night.",
+    "Explain in two sentences why the sky is blue.",
+    "Question: Which is larger, 17 or 71? Answer with a citation to the document that says so. Document [1]: "
+    "71 is larger than 17.",
+]
+
+
+def chat_prompts(tok):
+    out = []
+    for q in QUESTIONS:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def run_ours(model, prompts, args, seed):
+    t = time.perf_counter()
+    ids, mask, _ = M.generate(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, eos_token_ids=[], seed=seed)  # fmt: skip
+    return int(mask.sum()), time.perf_counter() - t
+
+
+def run_hf(hf, prompts, args, seed):
+    from model import left_pad
+
+    ids, mask = left_pad(prompts, 2, "cpu")
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                          top_p=args.top_p, top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          num_return_sequences=args.group, pad_token_id=2)  # fmt: skip
+    return int((out.shape[1] - ids.shape[1]) * out.shape[0]), time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs of each side, alternating")
+    ap.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per completion")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    path = M.builtin_model_dir()
+    ours = M.Transformer.from_pretrained(path).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = chat_prompts(M.load_tokenizer(path))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(prompts)} prompts x G={args.group}, "
+          f"{args.new_tokens} new tokens, T={args.temperature}, top_p={args.top_p}, prompt lengths "
+          f"{[len(p) for p in prompts]}")  # fmt: skip
+    warm = argparse.Namespace(**{**vars(args), "new_tokens": 8})
+    run_ours(ours, prompts, warm, 0), run_hf(hf, prompts, warm, 0)
+    rates = {"ours": [], "transformers": []}
+    for rep in range(args.reps):
+        for name, fn, m in (("ours", run_ours, ours), ("transformers", run_hf, hf)):
+            n, dt = fn(m, prompts, args, seed=rep)
+            rates[name].append(n / dt)
+            print(f"  rep {rep} {name:>12}: {n} tokens in {dt:6.1f} s = {n / dt:7.1f} tok/s")
+    ours_r, hf_r = statistics.median(rates["ours"]), statistics.median(rates["transformers"])
+    print(f"median completion tokens/s: ours {ours_r:.1f}, transformers {hf_r:.1f}, ratio {ours_r / hf_r:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
