@@ -405,12 +405,13 @@ def resolve_init(cfg, log=print) -> str:
     return cfg.model
 
 
-def load_models(cfg, init, device):
-    """-> (policy, reference or None). The reference is the frozen start of this stage: with LoRA the same module
-    with adapters off; otherwise a frozen copy, and none at all when beta == 0."""
+def load_models(cfg, weights, init, device):
+    """-> (policy, reference or None). The policy starts from `weights` (init, or a checkpoint when resuming).
+    The reference is the frozen start of this stage, `init`: with LoRA the same module with adapters off;
+    otherwise a frozen copy, and none at all when beta == 0."""
     from model import Transformer
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    policy = Transformer.from_pretrained(init, dtype=dtype, device=device)
+    policy = Transformer.from_pretrained(weights, dtype=dtype, device=device)
     reference = None
     if cfg.lora_rank > 0:
         torch.manual_seed(cfg.seed)                       # adapter init is part of the seeded run
@@ -530,9 +531,8 @@ def sample_and_score(model, tokenizer, records, cfg, seed):
     G = cfg.group_size
     built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens) for r in records]
     prompts = [ids for ids, _ in built]
-    eos = sorted({tokenizer.eos_token_id} | set(getattr(model.config, "eos_token_id", None) or []
-                                                if isinstance(getattr(model.config, "eos_token_id", None), list)
-                                                else {tokenizer.eos_token_id}))
+    cfg_eos = model.config.eos_token_id                    # int, list or None in Hugging Face configs
+    eos = sorted({tokenizer.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]) - {None})
     model.eval()
     comp_ids, comp_mask, _ = generate(model, prompts, group_size=G, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=tuple(eos),
@@ -606,6 +606,11 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
                 ref_logp = batch_logprobs(model, batch, chunks, cfg)
 
     history = []
+    if num_seqs == 0:        # every group was dropped (all-equal rewards everywhere): nothing to learn this step
+        log(f"[info] optimizer step {opt_step}: no rows with a reward spread; update skipped")
+        return [{"loss": 0.0, "policy_loss": 0.0, "surrogate": 0.0, "kl": 0.0, "ratio_mean": 1.0,
+                 "clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                 "lr": lr_at(opt_step, total_opt_steps, cfg), "skipped": 1}]
     for it in range(cfg.mu):
         lr = lr_at(opt_step + it, total_opt_steps, cfg)
         for g in optimizer.param_groups:
@@ -761,11 +766,7 @@ def main(argv=None):
         log(f"[resume] no checkpoint in {out}: starting from the beginning")
     # full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapters
     weights = str(ckpt) if (ckpt is not None and cfg.lora_rank == 0) else init
-    model, reference = load_models(cfg, weights, device)
-    if reference is not None and weights != init:
-        from model import Transformer
-        reference = Transformer.from_pretrained(init, dtype=next(model.parameters()).dtype, device=device)
-        reference.eval().requires_grad_(False)
+    model, reference = load_models(cfg, weights, init, device)
     tokenizer = load_tokenizer(ckpt or init)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
