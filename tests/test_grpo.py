@@ -1,5 +1,6 @@
 """The GRPO trainer on tiny random models: log-probs, one update, mu > 1, a toy task, resume, two processes."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,35 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     # otherwise the ratio would not be 1 at the first step (the classic "forgot the temperature" bug)
     assert torch.allclose(outs[0][mask], sampling_logp[mask], atol=1e-4)
     assert (outs[0][~mask] == 0).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradient():
+    model = tiny_model(seed=7)
+    batch, _ = toy_batch(model, PROMPTS, G=2, M=6, temperature=1.0, seed=2)
+    rows_prompt = torch.tensor([r // 2 for r in range(6)])
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.train()
+        model.zero_grad()
+        lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0,
+                                      share_prompt=False)
+        (lp * batch["comp_mask"]).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)      # recomputation repeats the same float32 ops
+
+
+def test_non_finite_loss_skips_the_step():
+    model = tiny_model(seed=8)
+    batch, _ = toy_batch(model, PROMPTS[:1], G=2, M=5, temperature=1.0, seed=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = cfg_for(group_size=2, grad_clip=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    hist = grpo.policy_update(model, None, opt, batch, torch.tensor([float("nan"), 1.0]), [0, 1], cfg, 0, 1,
+                              log=lambda *a: None)
+    assert hist[0]["skipped"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))   # weights untouched
+    assert not opt.state                                                         # no Adam moments from NaNs
 
 
 def test_one_step_raises_positive_and_lowers_negative_completion():
@@ -260,3 +290,22 @@ def test_two_processes_match_single_process(tiny_dir, tmp_path):
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), agg
         # SGD lr 0.1: a parameter moves by 0.1 * grad, so 1e-6 allows 1e-5 of gradient noise
         assert torch.allclose(torch.tensor(two["params"]), torch.tensor(one["params"]), atol=1e-6), agg
+
+
+def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, monkeypatch):
+    import rewards
+    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
+    out = tmp_path / "lora"
+    hist = grpo.main(run_args(tiny_dir, out, "--steps", "2", "--lora-rank", "4", "--beta", "0.1", "--kl", "k2",
+                              "--grad-checkpoint", "--drop-zero-std-groups", "--loss-agg", "seq-mean-token-sum-norm",
+                              "--scale-rewards", "batch", "--dtype", "bfloat16"))
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"completion", "reward", "components", "advantage"} <= set(samples[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora_rank"] == 4 and config["stage"] == 1
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out / "checkpoint")      # merged LoRA weights, HF names
+    ours = Transformer.from_pretrained(out / "checkpoint", dtype=torch.bfloat16)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(hf.state_dict()[name].to(torch.bfloat16), ours.state_dict()[name])
