@@ -449,12 +449,11 @@ def report_markdown(scores, examples=()):
     by_source = scores.get("by_source", {})
     lines = [f"# Evaluation: {scores.get('model', '?')} on {scores.get('data', '?')}", "",
              f"{scores['n']} questions, {scores['n_answerable']} answerable, {scores['n_answered']} answered.", "",
-             "| metric | all | " + "".join(f"{src} | " for src in by_source),
-             "|---|---|" + "---|" * len(by_source)]
+             "| metric | " + " | ".join(["all", *by_source]) + " |", "|---" * (2 + len(by_source)) + "|"]
     for k in METRICS + DETAILS:
         if k in scores:
-            lines.append(f"| {k} | {fmt(scores[k])} | " + "".join(f"{fmt(by_source[src].get(k, '-'))} | "
-                                                                     for src in by_source))
+            values = [scores[k]] + [by_source[src].get(k) for src in by_source]
+            lines.append(f"| {k} | " + " | ".join(fmt(v) for v in values) + " |")
     lines += ["", "TRUST = mean(F1_AC, F1_GR, F1_GC); all scores are percentages except tag_count and "
               "stage2_reward (reward units). Definitions: ../shared/reference/ground-grpo.md, Evaluation.", ""]
     lines += [f"Note: {note}." for note in scores.get("notes", [])]
