@@ -358,18 +358,20 @@ SYNTHETIC_INSTRUCTION = (
 INSTRUCTIONS = {"asqa": INSTRUCTION, "eli5": INSTRUCTION, "qampari": LIST_INSTRUCTION,
                 "synthetic": SYNTHETIC_INSTRUCTION}
 # The GRPO system prompt is not published; ground-grpo.md asks for one short sentence on the format.
-FORMAT_SENTENCE = ("First think inside <think> </think>, then write only the final answer with its citations "
-                   "inside <answer> </answer>.")
+FORMAT_SENTENCE = ("First think inside <think> </think>, then write only the final answer with its citation, like "
+                   "[2], inside <answer> </answer>.")
 PREFILL = "<think>"
 
 # Worked examples (fictional, outside both synthetic splits' names): the probe found the 135M model never writes
-# the tags or cites without one. Each shows the exact tag format and a citation.
+# the tags or cites without one. Each shows the exact tag format and a citation. The answer is short on purpose:
+# measured on 8 answerable eval questions x 4 samples (T = 0.7, 48 tokens), with the full-sentence answer "Mount
+# Ashgrove has a height of 2310 meters [2]." the untrained model copied a document's sentence and cited in 0 of
+# 32 answers; with "2310 meters [2]." it cited in 15 of 32 (strict format 0.69 vs 0.50).
 EXAMPLE = dict(
     question="What is the height of Mount Ashgrove?",
     docs=[("Mount Pellor", "Mount Pellor has a height of 4075 meters."),
           ("Mount Ashgrove", "Mount Ashgrove has a height of 2310 meters.")],
-    answer="<think>Document [2] is about Mount Ashgrove.</think><answer>Mount Ashgrove has a height of 2310 "
-           "meters [2].</answer>")
+    answer="<think>Document [2] is about Mount Ashgrove.</think><answer>2310 meters [2].</answer>")
 LIST_EXAMPLE = dict(
     question="Which rivers flow into Lake Quenby?",
     docs=[("Arle River", "The Arle River flows into Lake Quenby."),
@@ -377,6 +379,9 @@ LIST_EXAMPLE = dict(
     answer="<think>Documents [1] and [2] name rivers that flow into Lake Quenby.</think><answer>Arle River [1], "
            "Brisk River [2]</answer>")
 
+# For stage 2 (build_prompt(..., refusal_example=True)). Measured at T = 0.7 on the untrained model: without it
+# 0 of 40 samples on unanswerable questions refused; with it 6 of 16 did, but so did 9 of 16 on answerable ones,
+# so it belongs in stage 2, where the reward teaches the difference, not in stage 1.
 REFUSAL_EXAMPLE = dict(
     question="What is the depth of Lake Varrow?",
     docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
@@ -425,7 +430,7 @@ def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worke
     ("<think>") already in it; score prefill + decoded completion. The system message is the one format sentence.
     worked_example adds a short cited example (tags and citation shown: the 135M model writes neither without
     one); refusal_example adds a second one whose answer is the refusal sentence (for stage 2: the untrained model
-    never refuses, so without it the refusal reward has nothing to reinforce). Each costs ~70-110 tokens.
+    never refuses, so without it the refusal reward has nothing to reinforce). Each costs ~100-130 tokens.
 
     Fits max_prompt_tokens by cutting document texts to a common token cap (longest first; titles, question,
     instruction and example are never cut). Raises DataError if even empty documents do not fit."""
