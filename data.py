@@ -450,8 +450,9 @@ def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worke
         if cap == 0:
             break
         over += len(ids) - max_prompt_tokens
-    raise DataError(f"record {record.id}: field question/instruction: the prompt needs {len(ids)} tokens with "
-                    f"empty documents, more than max_prompt_tokens={max_prompt_tokens}")
+    raise DataError(f"record {record.id}: field question: the prompt needs {len(ids)} tokens with document texts "
+                    f"cut to {cap} tokens, more than max_prompt_tokens={max_prompt_tokens} (the question, "
+                    "instruction and examples are never cut)")
 
 
 def water_level(lengths: list[int], remove: int) -> int:
