@@ -16,7 +16,20 @@ One optimizer step:
 The two functions `grpo_loss` and `group_advantages` depend on torch only and can be copied into other projects.
 See ../shared/reference/grpo-notes.md for the algorithm and the bugs this file avoids.
 """
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: bounds ratios and KL so a wild token cannot overflow to inf / NaN
 
@@ -148,20 +161,6 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 # ----------------------------------------------------------------------------------------------------------------
 # Everything below is the trainer: config, processes, model (+ LoRA), sampling, log-probs, one step, checkpoints.
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 
 @dataclass
@@ -481,7 +480,10 @@ def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temper
     device = comp_ids.device
     p_ids, p_mask = left_pad(prompts, 0, device)                      # (N, L)
     L = p_ids.shape[1]
-    R, M = comp_ids.shape
+    R, M_full = comp_ids.shape
+    # positions after the longest completion of this micro-batch are padding: causal attention lets us cut them
+    M = max(1, int(comp_mask.sum(1).max().item()))
+    comp_ids, comp_mask = comp_ids[:, :M], comp_mask[:, :M]
     attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)   # (R, L + M)
     if share_prompt:
         dtype = next(model.parameters()).dtype
@@ -499,10 +501,10 @@ def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temper
     labels = comp_ids.masked_fill(comp_mask == 0, -100)               # ignored rows give 0 and no gradient
     out = fused_linear_logprobs(hidden.reshape(R * M, -1), model.lm_head_weight, labels.reshape(-1),
                                 temperature=temperature, return_entropy=return_entropy)
+    pad = lambda x: torch.nn.functional.pad(x.view(R, M), (0, M_full - M))          # back to (R, M_full)
     if return_entropy:
-        logp, ent = out
-        return logp.view(R, M), ent.view(R, M)
-    return out.view(R, M)
+        return pad(out[0]), pad(out[1])
+    return pad(out)
 
 
 def micro_batches(rows, micro_batch, group_size):

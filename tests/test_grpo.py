@@ -67,6 +67,13 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     # otherwise the ratio would not be 1 at the first step (the classic "forgot the temperature" bug)
     assert torch.allclose(outs[0][mask], sampling_logp[mask], atol=1e-4)
     assert (outs[0][~mask] == 0).all()
+    # extra padding columns (masked) are cut before the forward pass and come back as zeros
+    wide_ids = torch.nn.functional.pad(batch["comp_ids"], (0, 5), value=2)
+    wide_mask = torch.nn.functional.pad(batch["comp_mask"], (0, 5))
+    with torch.no_grad():
+        wide = grpo.completion_logprobs(model, PROMPTS, wide_ids, wide_mask, rows_prompt, 0.7)
+    assert wide.shape == (9, 15) and (wide[:, 10:] == 0).all()
+    assert torch.allclose(wide[:, :10], outs[0], atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
