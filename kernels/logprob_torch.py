@@ -16,7 +16,7 @@ fp16 inputs (float64 stays float64, so gradcheck can run on this file).
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 128 * 2**20  # default budget for one chunk of logits: 128 MiB (see default_chunk_rows)
+CHUNK_BYTES = 256 * 2**20  # default budget for one chunk of logits: 256 MiB (see default_chunk_rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,9 +53,10 @@ def check_fused_inputs(hidden, weight, labels):
 
 
 def default_chunk_rows(vocab, elem_size, n_rows, chunk_size=None):
-    """Rows per chunk. Default: as many rows as fit CHUNK_BYTES of logits, at least 64 (keeps the per-chunk matmuls
-    efficient: their inner or outer dimension is the chunk), rounded down to a multiple of 64.
-    V=49152 fp32 -> 640 rows; V=151936 fp32 -> 192 rows (111 MiB)."""
+    """Rows per chunk. Default: as many rows as fit CHUNK_BYTES of logits, rounded down to a multiple of 64, at least
+    64. The chunk is the short side of every per-chunk matmul, and on CPU they lose efficiency below a few hundred
+    rows (measured at H=896, V=151936: 192 rows ran ~35 GFLOP/s, 384-768 rows ~50-58 GFLOP/s on this machine).
+    fp32: V=49152 -> 1344 rows (258 MiB); V=151936 -> 384 rows (223 MiB). bf16 halves the bytes per row."""
     if chunk_size is None:
         rows = max(64, CHUNK_BYTES // (vocab * elem_size) // 64 * 64)
     else:
@@ -66,27 +67,34 @@ def default_chunk_rows(vocab, elem_size, n_rows, chunk_size=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-chunk row math. Both functions overwrite the chunk `z` (c, V) in place (no second (c, V) tensor) with
-# whole-chunk ops. (Walking the chunk in L2-sized row blocks was tried: it needs thousands of small parallel ops,
-# and on a shared 2-core machine each one waits for the other core; whole-chunk ops were faster there.)
+# Per-chunk row math. Each function overwrites the chunk `z` (c, V) in place, so a chunk never needs a second
+# (c, V) tensor, and uses few whole-chunk ops. (Walking a chunk in L2-sized row blocks was tried: thousands of small
+# parallel ops, each waiting for the other core on a shared 2-core machine; slower here.)
 
-def logsumexp_rows_(z, want_entropy):
-    """z (c, V) scaled logits, destroyed (becomes exp(z - rowmax)). Returns lse (c,) and entropy (c,) or None."""
-    m = z.amax(dim=1, keepdim=True)                          # (c, 1) row max, for a stable exp
-    s = z.sub_(m).exp_().sum(dim=1)                          # (c,)   s = sum_v exp(z_v - m)
-    log_s = s.log()
-    lse = m.squeeze(1) + log_s                               # lse = m + log s
+def log_softmax_rows_(z, labels, want_entropy):
+    """z (c, V) scaled logits, overwritten by log_softmax(z). labels (c,) valid indices.
+    Returns logp (c,) at the labels, lse (c,) and entropy (c,) or None."""
+    z_y = z.gather(1, labels[:, None]).squeeze(1)            # (c,) label logit, read before z is overwritten
+    # One fused, cache-blocked pass, written into its own input: ATen's CPU kernel finishes reading a row (max,
+    # sum of exp) before writing that row, so out=z is safe; the float64 parity tests would catch a change.
+    torch.log_softmax(z, dim=1, out=z)
+    logp = z.gather(1, labels[:, None]).squeeze(1)           # (c,) log p(label)
+    lse = z_y - logp                                         # lse = z_y - log p_y
     ent = None
     if want_entropy:
-        # with e_v = exp(z_v - m): H = -sum p log p = log s - (1/s) sum_v e_v log e_v = log s + sum_v entr(e_v) / s
-        ent = log_s + torch.special.entr(z).sum(dim=1) / s
-    return lse, ent
+        ent = -torch.linalg.vecdot(z.exp(), z)               # H = -sum_v p_v log p_v (one (c, V) temporary)
+    return logp, lse, ent
+
+
+def softmax_rows_(z, lse):
+    """z (c, V) scaled logits -> p = exp(z - lse) in place, from the lse saved in forward."""
+    return z.sub_(lse[:, None]).exp_()
 
 
 def softmax_grad_rows_(z, lse, g, labels):
-    """z (c, V) scaled logits -> in place G = (onehot(labels) - p) * g, with p = exp(z - lse).
+    """z (c, V) scaled logits -> in place G = (onehot(labels) - p) * g.
     lse (c,), g (c,) the upstream gradient already divided by T, labels (c,) valid indices."""
-    z.sub_(lse[:, None]).exp_().mul_(-g[:, None])                             # -p * g
+    softmax_rows_(z, lse).mul_(-g[:, None])                                   # -p * g
     z[torch.arange(z.shape[0], device=z.device), labels] += g                 # + onehot * g
     return z
 
@@ -115,9 +123,7 @@ class LogprobsFromLogits(torch.autograd.Function):
             z.copy_(logits[i:j])                                             # upcast to fp32 before scaling
             if temperature != 1.0:
                 z.mul_(1.0 / temperature)                                    # z = logits / T
-            z_y = z.gather(1, y[i:j, None]).squeeze(1)                       # (c,) label logit
-            lse[i:j], ent_c = logsumexp_rows_(z, want_entropy)
-            logp[i:j] = z_y - lse[i:j]
+            logp[i:j], lse[i:j], ent_c = log_softmax_rows_(z, y[i:j], want_entropy)
             if want_entropy:
                 ent[i:j] = ent_c
         logp.masked_fill_(~valid, 0.0)
@@ -173,13 +179,16 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
 # precomputed without keeping (N, V) numbers. (Liger can compute gradients in forward because its fused op ends in
 # a scalar loss.) So forward saves lse (N,) only, and backward recomputes each chunk's logits with one extra matmul.
 # The forward alone (old / reference log-probs under no_grad) costs one matmul, like the naive path.
+# One recompute is saved: when a backward will follow, the last chunk's log-softmax stays in the chunk buffer (which
+# lives until backward instead of being freed; the backward needs one anyway, so the peak does not grow) and backward
+# starts from it. Chunks are laid out with the short one first so the kept chunk is a full one.
 #
 # Only rows with a real label are computed: ignored rows (prompt, padding) are dropped before the matmuls.
 
 class FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, want_entropy):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, want_entropy, keep_last):
         # hidden (N, H), weight (V, H), labels (N,)
         N, H = hidden.shape
         V = weight.shape[0]
@@ -194,18 +203,16 @@ class FusedLinearLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
         ent_v = torch.empty(n if want_entropy else 0, dtype=dtype, device=hidden.device)
         buf = torch.empty(min(rows, n), V, dtype=dtype, device=hidden.device)  # (C, V) reused by every chunk
-        for i in range(0, n, rows):
-            j = min(i + rows, n)
+        for i, j in chunk_bounds(n, rows):
             z = torch.mm(_scaled(h[i:j], temperature), W.T, out=buf[:j - i])  # (c, V) z = h W^T / T
-            z_y = z.gather(1, y[i:j, None]).squeeze(1)                       # (c,) label logit, before z is overwritten
-            lse[i:j], ent_c = logsumexp_rows_(z, want_entropy)
-            logp_v[i:j] = z_y - lse[i:j]
+            logp_v[i:j], lse[i:j], ent_c = log_softmax_rows_(z, y[i:j], want_entropy)
             if want_entropy:
                 ent_v[i:j] = ent_c
         logp = _scatter_rows(logp_v, rows_idx, N)
         ent = _scatter_rows(ent_v, rows_idx, N) if want_entropy else ent_v
         ctx.save_for_backward(hidden, weight, rows_idx, y, lse)
         ctx.temperature, ctx.rows = temperature, rows
+        ctx.kept = z if keep_last and n > 0 else None                        # (c, V) last chunk's log-softmax
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -221,20 +228,39 @@ class FusedLinearLogprobs(torch.autograd.Function):
         grad_h = torch.empty(n, H, dtype=dtype, device=hidden.device) if need_h else None
         # fp32 accumulator; the first chunk writes it (so no zero fill), unless there is no chunk at all
         grad_w = (torch.empty if n > 0 else torch.zeros)(V, H, dtype=dtype, device=hidden.device) if need_w else None
-        buf = torch.empty(min(rows, n), V, dtype=dtype, device=hidden.device)
-        for i in range(0, n, rows):
-            j = min(i + rows, n)
-            z = torch.mm(_scaled(h[i:j], T), W.T, out=buf[:j - i])           # (c, V) recomputed logits / T
-            G = softmax_grad_rows_(z, lse[i:j], g[i:j], y[i:j])              # (c, V) (onehot - p) * g / T
+        kept, ctx.kept = ctx.kept, None                                      # usable once (retain_graph reruns)
+        buf = kept if kept is not None else torch.empty(min(rows, n), V, dtype=dtype, device=hidden.device)
+        # G = diag(g) (onehot - P) with g = upstream grad / T. The onehot part and the row scaling by g are applied
+        # to (c, H) tensors, so the (c, V) chunk only sees the recompute and p = exp(z - lse) (sub, exp):
+        #   grad_h = G W   = g * (W[y] - P W)
+        #   grad_W = G^T h = scatter_add(y, g * h) - P^T (g * h)
+        for k, (i, j) in enumerate(reversed(chunk_bounds(n, rows))):       # last chunk first: it may be kept
+            h_c, y_c, g_c = h[i:j], y[i:j], g[i:j, None]                    # (c, H), (c,), (c, 1)
+            if k == 0 and kept is not None:
+                P = kept.exp_()                                              # (c, V) p = exp(log p), no recompute
+            else:
+                z = torch.mm(_scaled(h_c, T), W.T, out=buf[:j - i])          # (c, V) recomputed logits / T
+                P = softmax_rows_(z, lse[i:j])                               # (c, V) softmax, in place
             if need_h:
-                torch.mm(G, W, out=grad_h[i:j])                              # (c, H) grad_h = G W
-            if need_w and i == 0:
-                torch.mm(G.T, h[i:j], out=grad_w)                            # (V, H) grad_W = G^T h (first chunk)
-            elif need_w:
-                grad_w.addmm_(G.T, h[i:j])                                   # (V, H) grad_W += G^T h
+                gh = torch.mm(P, W, out=grad_h[i:j])                         # (c, H) P W
+                gh.sub_(W[y_c]).mul_(-g_c)                                   # g * (W[y] - P W)
+            if need_w:
+                gh_w = h_c * (-g_c)                                          # (c, H) -g * h
+                if k == 0:
+                    torch.mm(P.T, gh_w, out=grad_w)                          # (V, H) grad_W = -P^T (g h)
+                else:
+                    grad_w.addmm_(P.T, gh_w)                                 # grad_W -= P^T (g h)
+        if need_w:
+            grad_w.index_add_(0, y, g[:, None] * h)                          # grad_W[y] += g h (once, all rows)
         grad_hidden = _scatter_rows(grad_h, rows_idx, hidden.shape[0]).to(hidden.dtype) if need_h else None
         grad_weight = grad_w.to(weight.dtype) if need_w else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def chunk_bounds(n, rows):
+    """[(i, j), ...] covering range(n) in chunks of `rows`, the short chunk first: 10, 4 -> (0,2) (2,6) (6,10)."""
+    first = n - (max(n - 1, 0) // rows) * rows
+    return [(0, first)] + [(i, i + rows) for i in range(first, n, rows)] if n > 0 else []
 
 
 def _scaled(h, temperature):
@@ -259,6 +285,7 @@ def fused_linear_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=No
     with logits = hidden @ weight.T / temperature computed chunk_size rows at a time (default: default_chunk_rows)."""
     check_fused_inputs(hidden, weight, labels)
     check_temperature(temperature, "fused_linear_logprobs")
+    keep_last = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp, ent = FusedLinearLogprobs.apply(hidden, weight, labels.reshape(-1), float(temperature), chunk_size,
-                                          return_entropy)
+                                          return_entropy, keep_last)
     return (logp, ent) if return_entropy else logp

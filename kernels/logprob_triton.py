@@ -85,14 +85,15 @@ def _logprob_bwd_kernel(logits_ptr, labels_ptr, lse_ptr, grad_ptr, out_ptr, stri
     label = tl.load(labels_ptr + row).to(tl.int64)
     out = out_ptr + row * stride_out + offs
     if label == IGNORE:
-        tl.store(out, tl.zeros([BLOCK_V], tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, tl.zeros([BLOCK_V], out_ptr.dtype.element_ty), mask=mask)
     else:
         lse = tl.load(lse_ptr + row)
         g = tl.load(grad_ptr + row).to(tl.float32) * inv_t                  # upstream grad / T
         z = tl.load(logits_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
         p = tl.exp(z - lse)
         grad = (tl.where(offs == label, 1.0, 0.0) - p) * g                 # (onehot - p) * g / T
-        tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        # round to nearest even (the GPU default; said explicitly so the interpreter does not truncate)
+        tl.store(out, grad.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def _block(V, block):
