@@ -537,10 +537,17 @@ def plot_metrics(metrics_path, out_png):
     if not panels:
         fail(f"--plot {metrics_path}: nothing to plot (no reward, KL or length fields)")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    marker = "." if len(rows) < 50 else None   # short runs: show the points themselves
     for ax, (name, keys) in zip(axes[:, 0], panels.items()):
         for k in keys:
             pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.2)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.2, marker=marker)
+        if name == "reward" and "reward_mean" in keys:   # +- one std over the batch's completions
+            band = [(r.get("step", i), r["reward_mean"], r["reward_std"]) for i, r in enumerate(rows)
+                    if isinstance(r.get("reward_mean"), (int, float)) and isinstance(r.get("reward_std"), (int, float))]
+            if band:
+                ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
+                                alpha=0.2, label="reward_std")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
