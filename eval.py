@@ -588,8 +588,9 @@ def main(argv=None):
         out = Path(args.out) / "metrics.png" if args.out else Path(args.plot).with_suffix(".png")
         print(f"wrote {plot_metrics(args.plot, out)}")
         return
-    if args.n is not None and args.n < 1:
-        fail("--n must be at least 1")
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            fail(f"{flag} must be at least 1, got {value}")
     judge = load_judge(args.judge) if args.judge else None
     records = load_eval_records(args.data, args.n)
     generations = None
