@@ -721,6 +721,8 @@ def batch_metrics(batch, rewards, components, truncated, G):
     }
     for k, v in components.items():
         m[f"reward/{k}"] = v.mean().item()
+    if "em" in components:        # share of completions whose answer holds a gold answer ("answer right")
+        m["answer_right"] = (components["em"] > 0).float().mean().item()
     return m
 
 
@@ -735,10 +737,12 @@ def print_summary(cfg, history, wall, ckpt, log):
     log("=" * 78)
     log(f"GRPO stage {cfg.stage}: {len(history)} steps logged, wall time {wall / 60:.1f} min "
         f"({wall / max(1, len(history)):.1f} s/step)")
-    log(f"{'':24s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
+    log(f"{'':32s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
         f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}")
-    for key in ["reward_mean"] + comp_keys + ["frac_reward_zero_std", "completion_len_mean", "clipped_share"]:
-        log(f"{key:24s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
+    extra = ["answer_right"] if "answer_right" in first else []
+    for key in ["reward_mean"] + comp_keys + extra + ["frac_reward_zero_std", "completion_len_mean",
+                                                      "clipped_share"]:
+        log(f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
             f"{mean_of(history[-k:], key):12.3f}")
     log(f"checkpoint: {ckpt}")
     log(f"metrics:    {Path(cfg.out) / 'metrics.jsonl'}   samples: {Path(cfg.out) / 'samples.jsonl'}")
