@@ -379,9 +379,10 @@ LIST_EXAMPLE = dict(
     answer="<think>Documents [1] and [2] name rivers that flow into Lake Quenby.</think><answer>Arle River [1], "
            "Brisk River [2]</answer>")
 
-# For stage 2 (build_prompt(..., refusal_example=True)). Measured at T = 0.7 on the untrained model: without it
-# 0 of 40 samples on unanswerable questions refused; with it 6 of 16 did, but so did 9 of 16 on answerable ones,
-# so it belongs in stage 2, where the reward teaches the difference, not in stage 1.
+# For stage 2 (build_prompt(..., refusal_example=True)). Measured at T = 0.7 on the untrained model (4 samples
+# each of 4 answerable and 4 unanswerable eval questions): without it 0 of 40 samples on unanswerable questions
+# refused; with it 3 of 16 did, and so did 3 of 16 on answerable ones (6/16 and 9/16 next to the older
+# full-sentence example). It belongs in stage 2, where the reward teaches the difference, not in stage 1.
 REFUSAL_EXAMPLE = dict(
     question="What is the depth of Lake Varrow?",
     docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
