@@ -170,15 +170,15 @@ class Config:
     init: str | None = None         # weights to start from; stage 2 default: the stage-1 output if present, else model
     data: str = "builtin"           # "builtin" synthetic grounded QA, or an ALCE / Trust-Score JSON(L) file
     out: str | None = None          # run directory; default runs/stage{N}
-    steps: int = 40                 # sampling rounds; each does `mu` optimizer steps
+    steps: int = 25                 # sampling rounds; each does `mu` optimizer steps
     batch_prompts: int = 4          # prompts per sampling round per process
     group_size: int = 8             # G completions per prompt
-    max_new_tokens: int = 80        # completion budget
+    max_new_tokens: int = 64        # completion budget (the built-in task's answers need ~35 tokens)
     max_prompt_tokens: int = 1024   # prompts longer than this are cut by data.build_prompt
     temperature: float = 0.7        # sampling temperature; log-probs are recomputed from logits / temperature
     top_p: float = 1.0
-    lr: float = 4e-5                # peak learning rate (AdamW)
-    warmup_steps: int = 3           # linear warm-up, then cosine decay to min_lr_ratio * lr
+    lr: float = 5e-5                # peak learning rate (AdamW); 1e-4 was unstable on the built-in demo
+    warmup_steps: int = 2           # linear warm-up, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     beta: float = 0.0               # KL penalty weight; 0 = no reference model is computed at all
