@@ -155,7 +155,7 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
     flat = logits.reshape(-1, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    logp, ent = LogprobsFromLogits.apply(flat, labels.reshape(-1).contiguous(), float(temperature), return_entropy)
+    logp, ent = LogprobsFromLogits.apply(flat, labels.reshape(-1).long().contiguous(), float(temperature), return_entropy)
     if return_entropy:
         return logp.reshape(shape), ent.reshape(shape)
     return logp.reshape(shape)
@@ -231,6 +231,6 @@ def fused_linear_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=No
     with logits = hidden @ weight.T / temperature computed chunk_size rows at a time (default: default_chunk_rows)."""
     check_fused_inputs(hidden, weight, labels)
     check_temperature(temperature, "fused_linear_logprobs")
-    logp, ent = FusedLinearLogprobs.apply(hidden, weight, labels.reshape(-1), float(temperature), chunk_size,
+    logp, ent = FusedLinearLogprobs.apply(hidden, weight, labels.reshape(-1).long(), float(temperature), chunk_size,
                                           return_entropy)
     return (logp, ent) if return_entropy else logp

@@ -193,8 +193,10 @@ def test_all_rows_ignored():
 def test_bad_labels_and_backend_name(monkeypatch):
     hidden, weight, labels, _ = make_case(N=4, H=8, V=20, dtype=torch.float32, seed=6)
     labels[2] = 20
-    with pytest.raises(ValueError, match=r"labels\[2\] = 20"):
+    with pytest.raises(ValueError, match=r"labels\[2\] \(flattened\) = 20"):
         kernels.fused_linear_logprobs(hidden, weight, labels)
+    logp = kernels.fused_linear_logprobs(hidden, weight, torch.tensor([1, 2, 3, IGNORE], dtype=torch.int32))
+    assert logp[3] == 0 and (logp[:3] < 0).all()                              # int32 labels work too
     monkeypatch.setenv("KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="KERNEL_BACKEND"):
         kernels.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]))
