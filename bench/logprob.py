@@ -15,7 +15,7 @@ reset the RSS high-water mark (write 5 to /proc/self/clear_refs), run one forwar
 VmHWM - VmRSS(before). That is the extra peak the step needs on top of its inputs, including the grads it returns
 (grad_weight is V x H fp32 in both variants). Both variants are measured the same way.
 
-Run: .venv/bin/python bench/logprob.py            (about 3-6 minutes on 2 cores)
+Run: .venv/bin/python bench/logprob.py --reps 3   (7-20 minutes on 2 shared cores)
 """
 import argparse
 import ctypes

@@ -183,8 +183,8 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
 # a scalar loss.) So forward saves lse (N,) only, and backward recomputes each chunk's logits with one extra matmul.
 # The forward alone (old / reference log-probs under no_grad) costs one matmul, like the naive path.
 # One recompute is saved: when a backward will follow, the last chunk's log-softmax stays in the chunk buffer (which
-# lives until backward instead of being freed; the backward needs one anyway, so the peak does not grow) and backward
-# starts from it. Chunks are laid out with the short one first so the kept chunk is a full one.
+# lives until backward instead of being freed; the backward needs one anyway, so this op's peak does not grow, but
+# a training step holds that chunk, up to CHUNK_BYTES, between its forward and backward) and backward starts from it. Chunks are laid out with the short one first so the kept chunk is a full one.
 #
 # Only rows with a real label are computed: ignored rows (prompt, padding) are dropped before the matmuls.
 
