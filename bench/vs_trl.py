@@ -20,13 +20,17 @@ alternating (ours-TRL, then TRL-ours, ...), so load from other people on this sh
 first --warmup steps of each are not counted; the median of the rest is reported.
 Memory: each worker reports its own resident-memory high-water mark (VmHWM from /proc/self/status), so the two
 peaks are separate; also RSS after the imports, so library overhead can be told apart from training memory.
-Loss check (--parity, run first in its own process): one batch of completions sampled by our sampler, with the same
+Loss check (first, in its own process; --no-parity skips it): one batch of completions sampled by our sampler, with the same
 advantages, old log-probs and reference log-probs (perturbed so ratios clip and KL != 0), goes through grpo_loss
 (log-probs from our model) and through TRL's GRPOTrainer._compute_loss (log-probs from transformers' model); we
 compare the losses, the per-token log-probs and the gradient norms, for all three aggregations.
 
-Run (sets up .venv-bench itself):  make bench-trl          (about 10-15 minutes on 2 cores)
-or:  .venv-bench/bin/python bench/vs_trl.py [--steps 4 --warmup 1 --prompts 2 --group-size 4 --max-new-tokens 64]
+Workers run torch with --threads 1 by default (see its help: on this shared machine two threads per process were
+an order of magnitude slower on small ops); both trainers always get the same thread count.
+
+Run (sets up .venv-bench itself):  make bench-trl     (15 minutes on the shared 2-core machine, loss check included)
+or:  .venv-bench/bin/python bench/vs_trl.py [--steps 3 --warmup 1 --prompts 2 --group-size 4 --max-new-tokens 64]
+Results: bench/README-vs-trl.md.
 """
 import argparse
 import json
