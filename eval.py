@@ -403,7 +403,8 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
     except (OSError, ValueError) as e:
         fail(f"--model {model_name}: {e}".splitlines()[0])
     try:
-        prompts = [build_prompt(r, tokenizer) for r in records]      # (prompt_ids, prefill) each
+        # the stage-2 training prompt (worked example + refusal example) for every model, so runs compare fairly
+        prompts = [build_prompt(r, tokenizer, refusal_example=True) for r in records]      # (prompt_ids, prefill) each
     except ValueError as e:                                          # data.DataError: a prompt over the budget
         fail(str(e).splitlines()[0])
     order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))   # similar lengths: little padding

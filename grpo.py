@@ -531,7 +531,10 @@ def sample_and_score(model, tokenizer, records, cfg, seed):
     from model import generate
     from rewards import stage_reward
     G = cfg.group_size
-    built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens) for r in records]
+    # stage 2 shows a refusal example too: without one the untrained model never refuses (0/40 measured in
+    # data.py), so the refusal reward would have no signal to start from
+    built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, refusal_example=cfg.stage == 2)
+             for r in records]
     prompts = [ids for ids, _ in built]
     cfg_eos = model.config.eos_token_id                    # int, list or None in Hugging Face configs
     eos = sorted({tokenizer.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]) - {None})
