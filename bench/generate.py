@@ -63,7 +63,11 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per completion")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); use 1 when other "
+                    "jobs share the cores, where waiting for a descheduled partner thread dominates small matmuls")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 

@@ -318,3 +318,25 @@ def test_builtin_cache_is_converted_once_and_half_written_is_redone(tmp_path, mo
     (tmp_path / M.BUILTIN_NAME / ".converted-from").unlink()  # as if the process died before finishing
     assert M.builtin_model_dir() == d and len(calls) == 2
     assert not any(p.name.startswith(f"{M.BUILTIN_NAME}.tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("candidates", [3, 40, 1024])
+def test_nucleus_from_top_candidates_equals_full_sort(candidates, monkeypatch):
+    """Top-p from the k most likely tokens (falling back to a full sort when they hold less than p) keeps exactly the
+    tokens an independent full-sort nucleus keeps, with the same probabilities."""
+    monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 500, generator=g) * torch.linspace(0.5, 6, 64)[:, None], -1)
+    for top_p in (0.3, 0.9):
+        cand_p, cand_ids = M.nucleus(probs, top_p)
+        got = torch.zeros_like(probs).scatter_(-1, cand_ids, cand_p)
+        want = torch.zeros_like(probs)
+        for r in range(64):
+            order = sorted(range(500), key=lambda v: -probs[r, v].item())
+            mass = 0.0
+            for v in order:  # keep tokens until the ones before reach top_p
+                if mass >= top_p:
+                    break
+                want[r, v] = probs[r, v]
+                mass += probs[r, v].item()
+        assert torch.equal(got > 0, want > 0) and torch.allclose(got, want)
