@@ -461,43 +461,82 @@ def next_records(records, pos, count, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Log-probs of completion tokens only (sequence = left-padded prompt + completion)
+# Log-probs of completion tokens only. The G completions of a prompt share that prompt, so it is run once: each
+# prompt and the inputs of its completions go side by side into one packed sequence with a block mask,
+#
+#     [ q_0 .. q_{L-1} | o^1_0 .. o^1_{m_1-2} | o^2_0 .. o^2_{m_2-2} | ... ]      (o^r_{m_r-1}, the last token of a
+#                                                                                  row, predicts nothing: not an input)
+#
+# where a completion token sees the whole prompt and the earlier tokens of its own completion, at positions L, L+1,
+# ... as if it followed the prompt alone. Same numbers as G separate sequences (tested), with the prompt computed
+# once, no padding inside a row and no key/value copies; gradients reach the prompt's keys and values from every
+# completion through the one packed forward.
+
+def pack_groups(prompts, comp_ids, lengths, rows_prompt, pad_id=0):
+    """prompts: P token lists; comp_ids (R, M); lengths (R,) real tokens per row; rows_prompt (R,) prompt of each row.
+    -> ids (P, S), positions (P, S), mask (P, 1, S, S) bool (True = may attend), index (R, M) into the flattened
+    (P * S) outputs: the position whose output predicts completion token t of row r (0 where t >= lengths[r])."""
+    R, M = comp_ids.shape
+    seqs, segs, poss = [], [], []
+    index = torch.zeros(R, M, dtype=torch.long)
+    for p, prompt in enumerate(prompts):
+        L = len(prompt)
+        ids, seg, pos = list(prompt), [0] * L, list(range(L))
+        for r in (rows_prompt == p).nonzero().flatten().tolist():
+            m = int(lengths[r])
+            if m == 0:
+                continue
+            start = len(ids)
+            ids += comp_ids[r, :m - 1].tolist()                  # inputs o_0 .. o_{m-2}
+            seg += [r + 1] * (m - 1)                               # segment r + 1: this row's own tokens
+            pos += list(range(L, L + m - 1))
+            index[r, 0] = L - 1                                    # the last prompt token predicts o_0
+            index[r, 1:m] = torch.arange(start, start + m - 1)    # o_{t-1} predicts o_t
+        seqs.append(ids), segs.append(seg), poss.append(pos)
+    S = max(len(x) for x in seqs)
+    pad = lambda rows, v: torch.tensor([x + [v] * (S - len(x)) for x in rows])
+    ids, seg, pos = pad(seqs, pad_id), pad(segs, -1), pad(poss, 0)               # (P, S) each; seg -1 = padding
+    for p in range(len(prompts)):
+        index[rows_prompt == p] += p * S
+    index[torch.arange(M)[None, :] >= lengths[:, None]] = 0
+    q_seg, k_seg = seg[:, :, None], seg[:, None, :]                               # (P, S, 1), (P, 1, S)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()                            # key at or before the query
+    # a key is visible if it is earlier and in the prompt or in the query's own row; padding sees only itself
+    mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0) & (q_seg >= 0)
+    mask |= torch.eye(S, dtype=torch.bool)
+    return ids, pos, mask[:, None], index
+
 
 def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temperature, share_prompt=True,
                         return_entropy=False):
     """log pi(o_t | q, o_<t) for every completion token, from logits / temperature.
 
-    prompts     list of N token lists (the distinct prompts of this micro-batch)
+    prompts     list of P token lists (the distinct prompts of this micro-batch)
     comp_ids    (R, M) completions; comp_mask (R, M) 1 up to and including the first EOS
     rows_prompt (R,) index into prompts of each row
-    share_prompt: run each prompt once and copy its keys/values into its rows (G times less prompt compute, and the
-        gradient still flows through the prompt's keys/values); False runs the full (R, L + M) sequences, which is
-        what gradient checkpointing needs.
+    share_prompt: one packed sequence per prompt (pack_groups); False runs the R full (prompt + completion)
+        sequences, left-padded: G times the prompt compute, kept as the plain reference the packed path is tested
+        against.
     -> logp (R, M) float32 (0 where masked) [, entropy (R, M) float32 detached]
     """
     from kernels import fused_linear_logprobs
-    from model import KVCache, left_pad
+    from model import left_pad
     device = comp_ids.device
-    p_ids, p_mask = left_pad(prompts, 0, device)                      # (N, L)
-    L = p_ids.shape[1]
     R, M_full = comp_ids.shape
     # positions after the longest completion of this micro-batch are padding: causal attention lets us cut them
     M = max(1, int(comp_mask.sum(1).max().item()))
     comp_ids, comp_mask = comp_ids[:, :M], comp_mask[:, :M]
-    attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)   # (R, L + M)
     if share_prompt:
-        dtype = next(model.parameters()).dtype
-        cache = KVCache(model.config, len(prompts), L + M, dtype, device)
-        h_prompt = model(p_ids, attention_mask=p_mask, cache=cache, return_hidden=True)      # (N, L, H)
-        hidden = h_prompt[rows_prompt, -1:]                            # (R, 1, H): position L-1 predicts o_0
-        if M > 1:
-            cache.select_rows(rows_prompt)
-            # inputs o_0 .. o_{M-2}; their outputs predict o_1 .. o_{M-1}
-            h_comp = model(comp_ids[:, :-1], attention_mask=attn[:, :-1], cache=cache, return_hidden=True)
-            hidden = torch.cat([hidden, h_comp], 1)                    # (R, M, H)
+        ids, pos, mask, index = pack_groups(prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu())
+        hidden = model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       return_hidden=True)                               # (P, S, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]  # (R, M, H)
     else:
+        p_ids, p_mask = left_pad(prompts, 0, device)                     # (P, L)
+        L = p_ids.shape[1]
+        attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)                  # (R, L + M)
         ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]     # (R, L + M - 1)
-        hidden = model(ids, attention_mask=attn[:, :-1], return_hidden=True)[:, L - 1:]     # (R, M, H)
+        hidden = model(ids, attention_mask=attn[:, :-1], return_hidden=True)[:, L - 1:]         # (R, M, H)
     labels = comp_ids.masked_fill(comp_mask == 0, -100)               # ignored rows give 0 and no gradient
     out = fused_linear_logprobs(hidden.reshape(R * M, -1), model.lm_head_weight, labels.reshape(-1),
                                 temperature=temperature, return_entropy=return_entropy)
@@ -570,8 +609,7 @@ def batch_logprobs(model, batch, chunks, cfg, grad=False):
     with torch.no_grad():
         for rows, pids, rows_prompt in chunks:
             out.append(completion_logprobs(model, [batch["prompts"][p] for p in pids], batch["comp_ids"][rows],
-                                           batch["comp_mask"][rows], rows_prompt, cfg.temperature,
-                                           share_prompt=not cfg.grad_checkpoint))
+                                           batch["comp_mask"][rows], rows_prompt, cfg.temperature))
     return torch.cat(out)
 
 
@@ -628,8 +666,7 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
             sl = slice(start, start + len(rows))
             start += len(rows)
             logp, ent = completion_logprobs(model, [batch["prompts"][p] for p in pids], batch["comp_ids"][rows],
-                                            batch["comp_mask"][rows], rows_prompt, cfg.temperature,
-                                            share_prompt=not cfg.grad_checkpoint, return_entropy=True)
+                                            batch["comp_mask"][rows], rows_prompt, cfg.temperature, return_entropy=True)
             loss, m = grpo_loss(logp, None if old_logp is None else old_logp[sl],
                                 None if ref_logp is None else ref_logp[sl], adv[sl], mask[sl],
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl,

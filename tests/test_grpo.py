@@ -60,7 +60,7 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
         outs.append(logp.detach())
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     mask = batch["comp_mask"].bool()
-    # float32 forward passes over the same numbers in a different order (cache vs full sequence): 1e-5
+    # float32 forward passes over the same numbers in a different order (packed vs full sequences): 1e-5
     assert torch.allclose(outs[0][mask], outs[1][mask], atol=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     # the sampler's log-probs came from softmax(logits / T) one token at a time: the recomputation must agree,
@@ -76,6 +76,31 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     assert torch.allclose(wide[:, :10], outs[0], atol=1e-6)
 
 
+def test_pack_groups_hand_example():
+    """Two prompts, three rows (lengths 3, 2, 2; rows 0 and 2 share prompt 0), packed by hand."""
+    prompts = [[11, 12, 13], [21, 22]]
+    comp = torch.tensor([[31, 32, 2, 0], [41, 2, 0, 0], [51, 2, 0, 0]])
+    ids, pos, mask, index = grpo.pack_groups(prompts, comp, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 0]))
+    # the last token of each row is never an input; pack 1 is padded to the length of pack 0
+    assert ids.tolist() == [[11, 12, 13, 31, 32, 51], [21, 22, 41, 0, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 0, 0, 0]]
+    # row 0: o_0 from the last prompt token (2), o_1 from 31 (3), o_2 from 32 (4); row 1 lives in pack 1 (+6)
+    assert index.tolist() == [[2, 3, 4, 0], [7, 8, 0, 0], [2, 5, 0, 0]]
+    assert mask.shape == (2, 1, 6, 6)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                         [1, 1, 0, 0, 0, 0],
+                                         [1, 1, 1, 0, 0, 0],
+                                         [1, 1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 1, 0],
+                                         [1, 1, 1, 0, 0, 1]]   # row 2's token sees the prompt, not row 0
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                         [1, 1, 0, 0, 0, 0],
+                                         [1, 1, 1, 0, 0, 0],
+                                         [0, 0, 0, 1, 0, 0],
+                                         [0, 0, 0, 0, 1, 0],
+                                         [0, 0, 0, 0, 0, 1]]   # padding sees only itself
+
+
 def test_gradient_checkpointing_gives_the_same_gradient():
     model = tiny_model(seed=7)
     batch, _ = toy_batch(model, PROMPTS, G=2, M=6, temperature=1.0, seed=2)
@@ -85,8 +110,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         model.gradient_checkpointing = ckpt
         model.train()
         model.zero_grad()
-        lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0,
-                                      share_prompt=False)
+        lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
         (lp * batch["comp_mask"]).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)      # recomputation repeats the same float32 ops

@@ -74,6 +74,97 @@ def test_logit_parity_tiny(family, tiny_dirs):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradient_parity_tiny(family, tiny_dirs):
+    """Our hand-written backwards (RMSNormFn, RotaryFn, SwiGLUFn) against transformers' plain autograd: the
+    gradient of the same random projection of the logits, for every weight. Same tolerance idea as the logits:
+    max |ours - theirs| < 1e-4 * max |theirs| per tensor (float32 round-off in a different order)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).train()
+    ours = M.Transformer.from_pretrained(tiny_dirs[family]).train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (2, 33), generator=g)
+    upstream = torch.randn(2, 33, 97, generator=g)
+    (ours(ids) * upstream).sum().backward()
+    (hf(ids).logits * upstream).sum().backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = theirs[name].grad
+        diff = (p.grad - ref).abs().max().item()
+        assert diff < 1e-4 * ref.abs().max().item(), f"{name}: max abs diff {diff:.3g}"
+
+
+def plain_rms_norm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def plain_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def plain_swiglu(g, u):
+    return g * torch.sigmoid(g) * u
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu"])
+def test_memory_lean_functions_equal_plain_autograd_float64(name):
+    """Each custom Function against the plain expression under autograd, in float64 (values and gradients for a
+    random upstream gradient agree to 1e-12: the same math, only round-off at 1e-16 differs), plus gradcheck."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    if name == "rms_norm":
+        inputs, ours, plain = (rnd(3, 5, 16), 1 + 0.1 * rnd(16)), \
+            (lambda x, w: M.RMSNormFn.apply(x, w, 1e-6)), (lambda x, w: plain_rms_norm(x, w, 1e-6))
+    elif name == "rope":
+        angles = rnd(2, 5, 1, 4).repeat(1, 1, 1, 2)                                  # (B, T, 1, d)
+        cos, sin = angles.cos(), angles.sin()
+        inputs, ours, plain = (rnd(2, 5, 3, 8),), (lambda x: M.RotaryFn.apply(x, cos, sin)), \
+            (lambda x: plain_rope(x, cos, sin))
+    else:
+        inputs, ours, plain = (3 * rnd(4, 7), rnd(4, 7)), M.SwiGLUFn.apply, plain_swiglu
+    inputs = [t.requires_grad_() for t in inputs]
+    out_ours, out_plain = ours(*inputs), plain(*inputs)
+    assert torch.allclose(out_ours, out_plain, rtol=0, atol=1e-12)
+    up = rnd(*out_ours.shape)
+    grads_ours = torch.autograd.grad(out_ours, inputs, up)
+    grads_plain = torch.autograd.grad(out_plain, inputs, up)
+    for a, b in zip(grads_ours, grads_plain):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, inputs)
+
+
+def test_activations_kept_for_backward_per_token():
+    """What autograd keeps for backward, counted with saved-tensor hooks (parameters excluded, shared storage counted
+    once), on SmolLM2's shapes. Per layer only these may stay (floats per token): the block input x and r for each
+    RMSNorm (2 x (H + 1)), the normed inputs of the projections (2 H), q, k, v and the attention output
+    (2 nh hd + 2 nkv hd) with its logsumexp (nh), gate, up and silu(gate) * up (3 I); plus, once, the final norm's
+    input and r (H + 1), cos and sin (2 hd) and the int64 token ids (2). Plain autograd of the same blocks keeps
+    11788 floats per token and layer here (x * r, q and rotate_half(q), silu(gate) besides); a change that brings
+    one of those back fails this."""
+    cfg = M.ModelConfig(num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = M.Transformer(cfg)
+    H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
+        cfg.num_key_value_heads
+    per_layer = 2 * (H + 1) + 2 * H + 2 * nh * hd + 2 * nkv * hd + nh + 3 * I
+    bound = cfg.num_hidden_layers * per_layer + (H + 1) + 2 * hd + 2
+    params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, return_hidden=True)
+    floats_per_token = sum(kept.values()) / 4 / ids.numel()
+    assert floats_per_token <= bound, (floats_per_token, bound)
+    assert floats_per_token > 0.9 * bound      # the count itself works (it sees the activations)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_pretrained_roundtrip_through_transformers(family, tiny_dirs, tmp_path):
     ours = M.Transformer.from_pretrained(tiny_dirs[family]).eval()
     ours.save_pretrained(tmp_path)
