@@ -596,8 +596,10 @@ def sample_and_score(model, tokenizer, records, cfg, seed):
     lengths = comp_mask.sum(1)                                                       # (B*G,)
     ended = torch.tensor([bool(comp_ids[r, int(lengths[r]) - 1].item() in eos) or STOP_STRINGS[0] in texts[r]
                           for r in range(len(texts))])
+    answerable = torch.tensor([records[r // G].answerable for r in range(len(texts))])
     return dict(prompts=prompts, prefills=[p for _, p in built], comp_ids=comp_ids, comp_mask=comp_mask,
-                texts=texts, rewards=torch.tensor(rewards), components=comps, truncated=~ended)
+                texts=texts, rewards=torch.tensor(rewards), components=comps, truncated=~ended,
+                answerable=answerable)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -746,7 +748,7 @@ def read_jsonl_upto(path, step):
     return [line for line in Path(path).read_text().splitlines() if line and json.loads(line)["step"] < step]
 
 
-def batch_metrics(batch, rewards, components, truncated, G):
+def batch_metrics(batch, rewards, components, truncated, answerable, G):
     """Reward and length statistics over the global batch."""
     lengths = batch["lengths_all"]
     per_group = rewards.view(-1, G)
@@ -763,6 +765,10 @@ def batch_metrics(batch, rewards, components, truncated, G):
         m[f"reward/{k}"] = v.mean().item()
     if "em" in components:        # share of completions whose answer holds a gold answer ("answer right")
         m["answer_right"] = (components["em"] > 0).float().mean().item()
+    if "refused" in components:   # what stage 2 teaches: refuse the unanswerable, answer the answerable
+        for name, rows in (("refused_answerable", answerable), ("refused_unanswerable", ~answerable)):
+            if rows.any():
+                m[name] = components["refused"][rows].mean().item()
     return m
 
 
@@ -779,7 +785,9 @@ def print_summary(cfg, history, wall, ckpt, log):
         f"({wall / max(1, len(history)):.1f} s/step)")
     log(f"{'':32s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
         f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}")
-    extra = ["answer_right"] if "answer_right" in first else []
+    # diagnostics present in every logged step (a stage-2 batch may lack one kind of question)
+    extra = [key for key in ("answer_right", "refused_answerable", "refused_unanswerable")
+             if all(key in row for row in history)]
     for key in ["reward_mean"] + comp_keys + extra + ["frac_reward_zero_std", "completion_len_mean",
                                                       "clipped_share"]:
         log(f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
@@ -870,6 +878,7 @@ def main(argv=None):
         rewards_all = all_gather_cat(batch["rewards"].double())
         comps_all = all_gather_cat(comp_local)
         truncated_all = all_gather_cat(batch["truncated"].to(torch.int64))
+        answerable_all = all_gather_cat(batch["answerable"].to(torch.int64)).bool()
         batch["lengths_all"] = all_gather_cat(batch["comp_mask"].sum(1).double())
         adv_all = group_advantages(rewards_all, cfg.group_size, cfg.scale_rewards)
         R = len(batch["texts"])
@@ -890,7 +899,7 @@ def main(argv=None):
         # 5. metrics: reward / length over the global batch, loss metrics averaged over the inner iterations
         m = {"step": step - 1, **batch_metrics(batch, rewards_all.float(), {k: comps_all[:, i] for i, k in
                                                                            enumerate(comp_keys)},
-                                             truncated_all.bool(), cfg.group_size)}
+                                             truncated_all.bool(), answerable_all, cfg.group_size)}
         for k in inner[0]:
             m[k] = sum(h[k] for h in inner) / len(inner)
         if cfg.mu > 1:

@@ -340,3 +340,23 @@ def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, m
     ours = Transformer.from_pretrained(out / "checkpoint", dtype=torch.bfloat16)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(hf.state_dict()[name].to(torch.bfloat16), ours.state_dict()[name])
+
+
+def test_batch_metrics_hand_example():
+    # 2 groups of G = 2: group 0 answerable (rewards 3, 1), group 1 unanswerable (rewards 2, 2 -> zero std).
+    rewards = torch.tensor([3.0, 1.0, 2.0, 2.0])
+    components = {"em": torch.tensor([0.5, 0.0, 0.0, 0.0]), "refused": torch.tensor([0.0, 1.0, 1.0, 0.0])}
+    batch = {"lengths_all": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+    truncated = torch.tensor([False, False, False, True])
+    answerable = torch.tensor([True, True, False, False])
+    m = grpo.batch_metrics(batch, rewards, components, truncated, answerable, G=2)
+    assert m["reward_mean"] == pytest.approx(2.0)
+    assert m["reward_std"] == pytest.approx(math.sqrt(2 / 3))      # unbiased: (1 + 1 + 0 + 0) / 3
+    assert m["frac_reward_zero_std"] == pytest.approx(0.5)
+    assert m["completion_len_mean"] == pytest.approx(25.0)
+    assert m["clipped_share"] == pytest.approx(0.25)
+    assert m["answer_right"] == pytest.approx(0.25)
+    assert m["refused_answerable"] == pytest.approx(0.5)             # row 1 of rows 0, 1
+    assert m["refused_unanswerable"] == pytest.approx(0.5)           # row 2 of rows 2, 3
+    only_answerable = grpo.batch_metrics(batch, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2)
+    assert "refused_unanswerable" not in only_answerable and only_answerable["refused_answerable"] == 0.5
