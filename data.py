@@ -358,8 +358,8 @@ SYNTHETIC_INSTRUCTION = (
 INSTRUCTIONS = {"asqa": INSTRUCTION, "eli5": INSTRUCTION, "qampari": LIST_INSTRUCTION,
                 "synthetic": SYNTHETIC_INSTRUCTION}
 # The GRPO system prompt is not published; ground-grpo.md asks for one short sentence on the format.
-FORMAT_SENTENCE = ("First think inside <think> </think>, then write only the final answer with its citation, like "
-                   "[2], inside <answer> </answer>.")
+FORMAT_SENTENCE = ("First think inside <think> </think>, then write only the final answer with its citation inside "
+                   "<answer> </answer>.")
 PREFILL = "<think>"
 
 # Worked examples (fictional, outside both synthetic splits' names): the probe found the 135M model never writes
@@ -367,11 +367,17 @@ PREFILL = "<think>"
 # measured on 8 answerable eval questions x 4 samples (T = 0.7, 48 tokens), with the full-sentence answer "Mount
 # Ashgrove has a height of 2310 meters [2]." the untrained model copied a document's sentence and cited in 0 of
 # 32 answers; with "2310 meters [2]." it cited in 15 of 32 (strict format 0.69 vs 0.50).
+# The think names the target before the document number: teacher-forced on the untrained model, the right number
+# after "Document [" came out ~23% of the time (chance, 5 documents), after "<target> is in Document [" ~40%.
+# The evidence moves between the example's three documents from question to question (see worked_example), so
+# the citation cannot be learned as "always [2]".
 EXAMPLE = dict(
     question="What is the height of Mount Ashgrove?",
-    docs=[("Mount Pellor", "Mount Pellor has a height of 4075 meters."),
-          ("Mount Ashgrove", "Mount Ashgrove has a height of 2310 meters.")],
-    answer="<think>Document [2] is about Mount Ashgrove.</think><answer>2310 meters [2].</answer>")
+    evidence=("Mount Ashgrove", "Mount Ashgrove has a height of 2310 meters."),
+    distractors=[("Mount Pellor", "Mount Pellor has a height of 4075 meters."),
+                 ("Lake Quenby", "Lake Quenby has a depth of 61 meters.")],
+    answer="<think>The question asks about Mount Ashgrove. Mount Ashgrove is in Document [{K}].</think>"
+           "<answer>2310 meters [{K}].</answer>")
 LIST_EXAMPLE = dict(
     question="Which rivers flow into Lake Quenby?",
     docs=[("Arle River", "The Arle River flows into Lake Quenby."),
@@ -387,7 +393,8 @@ REFUSAL_EXAMPLE = dict(
     question="What is the depth of Lake Varrow?",
     docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
           ("Mount Pellor", "Mount Pellor has a height of 4075 meters.")],
-    answer=f"<think>No document is about Lake Varrow.</think><answer>{REFUSAL_SENTENCE}</answer>")
+    answer=f"<think>The question asks about Lake Varrow. No document is about Lake Varrow.</think>"
+           f"<answer>{REFUSAL_SENTENCE}</answer>")
 
 
 def fill(template: str, values: dict) -> str:
@@ -404,13 +411,23 @@ def render_demo(question: str, docs: list[tuple[str, str]], answer: str) -> str:
     return fill(DEMO_PROMPT, {"INST": "", "Q": question, "D": render_docs(docs), "A": answer}).strip()
 
 
-def render_user(record: Record, texts: list[str], instruction: str, worked_example: bool,
+def worked_example(record: Record) -> dict:
+    """The worked example shown with this record: the list example for list questions, else EXAMPLE with its
+    evidence at position k = 1 + crc32(record id) % 3 among its three documents, cited as [k]."""
+    if record.is_list:
+        return LIST_EXAMPLE
+    k = zlib.crc32(record.id.encode()) % 3
+    docs = EXAMPLE["distractors"][:k] + [EXAMPLE["evidence"]] + EXAMPLE["distractors"][k:]
+    return dict(question=EXAMPLE["question"], docs=docs, answer=fill(EXAMPLE["answer"], {"K": k + 1}))
+
+
+def render_user(record: Record, texts: list[str], instruction: str, worked_example_shown: bool,
                 refusal_example: bool = False) -> str:
     """The one user turn: the instruction, optional worked examples, then the question and its documents."""
     target = render_demo(record.question, [(d["title"], t) for d, t in zip(record.docs, texts)], "")
     examples = []
-    if worked_example:
-        examples.append(LIST_EXAMPLE if record.is_list else EXAMPLE)
+    if worked_example_shown:
+        examples.append(worked_example(record))
     if refusal_example:
         examples.append(REFUSAL_EXAMPLE)
     if not examples:

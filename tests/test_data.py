@@ -289,8 +289,9 @@ def test_build_prompt_synthetic(tok):
     assert f"Question: {r.question}" in text and rewards.REFUSAL_SENTENCE in text
     for i, d in enumerate(r.docs, start=1):
         assert f"Document [{i}](Title: {d['title']}): {d['text']}" in text
-    assert data.EXAMPLE["answer"] in text  # the worked example, with its citation and tags
-    assert text.index(data.EXAMPLE["question"]) < text.index(r.question)
+    ex = data.worked_example(r)
+    assert ex["answer"] in text and "Document [" in ex["answer"]  # the worked example, with its citation and tags
+    assert text.index(ex["question"]) < text.index(r.question)
     short, _ = data.build_prompt(r, tok, worked_example=False)
     assert len(short) < len(ids) and "Example" not in tok.decode(short)
     # Prompts of the built-in task stay short (measured ~355 tokens with the example, ~225 without).
@@ -303,7 +304,7 @@ def test_build_prompt_refusal_example(tok):
     one, _ = data.build_prompt(r, tok)
     both, _ = data.build_prompt(r, tok, refusal_example=True)
     text = tok.decode(both)
-    assert data.REFUSAL_EXAMPLE["answer"] in text and data.EXAMPLE["answer"] in text
+    assert data.REFUSAL_EXAMPLE["answer"] in text and data.worked_example(r)["answer"] in text
     assert text.index(data.REFUSAL_EXAMPLE["question"]) < text.index(f"Question: {r.question}")
     assert len(one) < len(both) <= 520  # measured ~460 tokens with both examples
 
@@ -316,18 +317,31 @@ def example_record(ex, gold, answerable, is_list=False):
 def test_worked_examples_earn_full_reward():
     # By hand: the cited example 1 + 1 + 0.5 + 0.5 = 3 (stage 1); the list example two supported items
     # 1 + 1 + 2*0.5 + 2*0.5 = 4; the refusal example on its unanswerable documents 1 + 1 + rscore 1 = 3 (stage 2).
-    assert rewards.stage_reward(data.EXAMPLE["answer"], example_record(data.EXAMPLE, [["2310"]], True), 1)[0] == 3.0
+    for rid in ("a", "b", "c", "d", "e"):  # wherever the evidence sits, the example cites it
+        ex = data.worked_example(data.Record(rid, "q", [["1"]], [], True, "synthetic"))
+        assert rewards.stage_reward(ex["answer"], example_record(ex, [["2310"]], True), 1)[0] == 3.0
     lst = example_record(data.LIST_EXAMPLE, [["Arle River"], ["Brisk River"]], True, is_list=True)
     assert rewards.stage_reward(data.LIST_EXAMPLE["answer"], lst, 1)[0] == 4.0
     rx = example_record(data.REFUSAL_EXAMPLE, [["777"]], False)
     assert rewards.stage_reward(data.REFUSAL_EXAMPLE["answer"], rx, 2)[0] == 3.0
 
 
+def test_worked_example_evidence_moves():
+    # The citation in the example follows its evidence document: position 1 + crc32(id) % 3, all three used.
+    seen = set()
+    for i in range(30):
+        ex = data.worked_example(data.Record(f"r{i}", "q", [["1"]], [], True, "synthetic"))
+        k = [t for t, _ in ex["docs"]].index("Mount Ashgrove") + 1
+        assert f"Document [{k}]" in ex["answer"] and f"[{k}].</answer>" in ex["answer"] and len(ex["docs"]) == 3
+        seen.add(k)
+    assert seen == {1, 2, 3}
+
+
 def test_build_prompt_list_example(tok):
     r = data.synthetic_records("train", 1, seed=0)[0]
     r.is_list = True
     text = tok.decode(data.build_prompt(r, tok)[0])
-    assert data.LIST_EXAMPLE["answer"] in text and data.EXAMPLE["answer"] not in text
+    assert data.LIST_EXAMPLE["answer"] in text and "Mount Ashgrove" not in text
 
 
 @needs_alce
