@@ -360,3 +360,13 @@ def test_batch_metrics_hand_example():
     assert m["refused_unanswerable"] == pytest.approx(0.5)           # row 2 of rows 2, 3
     only_answerable = grpo.batch_metrics(batch, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2)
     assert "refused_unanswerable" not in only_answerable and only_answerable["refused_answerable"] == 0.5
+
+
+def test_stage_defaults_and_explicit_flags():
+    one, two = grpo.parse_args(["--stage", "1"]), grpo.parse_args(["--stage", "2"])
+    assert (one.batch_prompts, one.group_size, one.temperature) == (4, 8, 0.7)
+    assert (two.batch_prompts, two.group_size, two.temperature) == (2, 16, 1.0)
+    assert one.batch_prompts * one.group_size == two.batch_prompts * two.group_size  # same completions per step
+    given = grpo.parse_args(["--stage", "2", "--group-size", "4", "--temperature", "0.5"])
+    assert (given.batch_prompts, given.group_size, given.temperature) == (2, 4, 0.5)
+    assert (one.out, two.out) == ("runs/stage1", "runs/stage2")
