@@ -385,10 +385,11 @@ LIST_EXAMPLE = dict(
     answer="<think>Documents [1] and [2] name rivers that flow into Lake Quenby.</think><answer>Arle River [1], "
            "Brisk River [2]</answer>")
 
-# For stage 2 (build_prompt(..., refusal_example=True)). Measured at T = 0.7 on the untrained model (4 samples
-# each of 4 answerable and 4 unanswerable eval questions): without it 0 of 40 samples on unanswerable questions
-# refused; with it 3 of 16 did, and so did 3 of 16 on answerable ones (6/16 and 9/16 next to the older
-# full-sentence example). It belongs in stage 2, where the reward teaches the difference, not in stage 1.
+# build_prompt(..., refusal_example=True), used by grpo.py in both stages and by eval.py. Measured at T = 0.7 on
+# the untrained model: without it 0 of 40 samples on unanswerable questions refused; with it and the current
+# worked example (16 answerable and 16 unanswerable eval questions x 4 samples) 41% of answerable and 31% of
+# unanswerable samples refused, strict format 45%, right answer 2% (without it, step 0 of a stage-1 run, 32
+# samples: format 50%, right 9%, no refusals).
 REFUSAL_EXAMPLE = dict(
     question="What is the depth of Lake Varrow?",
     docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),

@@ -580,9 +580,11 @@ def sample_and_score(model, tokenizer, records, cfg, seed):
     from model import generate
     from rewards import stage_reward
     G = cfg.group_size
-    # stage 2 shows a refusal example too: without one the untrained model never refuses (0/40 measured in
-    # data.py), so the refusal reward would have no signal to start from
-    built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, refusal_example=cfg.stage == 2)
+    # One prompt in both stages and in eval.py, with the refusal example: without it the untrained model never
+    # refuses (0/40 measured in data.py). Shown only in stage 2, stage 1 trained a model that refused ~3% of
+    # unanswerable questions under the stage-2 prompt and 0 of ~130 samples in a stage-2 run (measured), which
+    # left the refusal reward nothing to reinforce. In stage 1 a refusal scores like a wrong answer.
+    built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, refusal_example=True)
              for r in records]
     prompts = [ids for ids, _ in built]
     cfg_eos = model.config.eos_token_id                    # int, list or None in Hugging Face configs
