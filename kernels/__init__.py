@@ -11,7 +11,7 @@ Labels equal to -100 mark ignored rows: log-prob 0, entropy 0, no gradient.
 Backend, chosen per call from the environment variable KERNEL_BACKEND:
     auto   (default) Triton for CUDA tensors when triton imports, else PyTorch
     triton the Triton kernels (logprob_triton.py); on CPU tensors only under TRITON_INTERPRET=1 (how tests run it)
-    torch  the PyTorch twin (logprob_torch.py): same algorithm, same signatures
+    torch  the PyTorch twin (logprob_torch.py): same math, same signatures
 logprob_triton.py is imported only when first needed, so CPU-only callers never import triton.
 """
 import os

@@ -1,9 +1,10 @@
 """Label log-probabilities under softmax(logits / T) in plain PyTorch: the CPU twin of logprob_triton.py.
 
-Same signatures and the same algorithm as the Triton path: rows are processed one chunk at a time, the forward pass
-keeps only the per-row logsumexp, and the backward pass recomputes the softmax from it. Extra peak memory is
-O(chunk x V) instead of the O(N x V) of "full logits -> log_softmax -> gather" (which also keeps a second N x V copy
-for backward and builds two more in backward).
+Same signatures and math as the Triton path: the forward pass saves the per-row logsumexp and the backward pass
+gets the softmax back from it, so no (N, V) tensor of logits is ever built ("full logits -> log_softmax -> gather"
+builds one, keeps a second N x V copy for backward and builds two more in backward). logprobs_from_logits works in
+chunks of rows like the Triton path; fused_linear_logprobs works in vocabulary blocks of all rows and keeps most of
+its forward logits for backward, which suits a CPU whose time is all matmuls (see the comment above its class).
 
 With z = logits / T (one row), lse = log sum_v exp(z_v), p_v = exp(z_v - lse):
     logp    = z[y] - lse
@@ -16,7 +17,8 @@ fp16 inputs (float64 stays float64, so gradcheck can run on this file).
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 384 * 2**20  # default budget for one chunk of logits: 384 MiB (see default_chunk_rows)
+CHUNK_BYTES = 384 * 2**20  # default budget for one chunk of logits: 384 MiB (see default_chunk_rows; row-chunked
+                           # paths: logprobs_from_logits here, both ops in logprob_triton.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,9 +58,7 @@ def check_fused_inputs(hidden, weight, labels):
 def default_chunk_rows(vocab, elem_size, n_rows, chunk_size=None):
     """Rows per chunk. Default: as many rows as fit CHUNK_BYTES of logits, rounded down to a multiple of 64, at least
     64. A fixed byte budget, independent of N: extra peak memory stays O(chunk x V) however many rows come in.
-    Bigger is faster and costs memory linearly: the chunk is the short side of every per-chunk matmul (on this CPU,
-    H=896 V=151936: 192 rows ran ~35 GFLOP/s, 384-768 rows ~50-58 GFLOP/s), and the last chunk, kept for backward,
-    skips its recompute. 384 MiB keeps both bench sizes at about 0.2 of the naive peak (target 0.25).
+    Bigger is faster and costs memory linearly: the chunk is the short side of every per-chunk matmul.
     fp32: V=49152 -> 2048 rows; V=151936 -> 640 rows (371 MiB); bf16: V=151936 -> 1280 rows."""
     if chunk_size is None:
         rows = max(64, CHUNK_BYTES // (vocab * elem_size) // 64 * 64)
@@ -173,49 +173,108 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
         return logp.reshape(shape), ent.reshape(shape)
     return logp.reshape(shape)
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# fused_linear_logprobs: the logits are never materialized beyond one chunk.
+# fused_linear_logprobs: the logits are never materialized as one (N, V) tensor.
 #
 # Recompute, not gradient-in-forward: the output is a per-row log-prob whose upstream gradient g_i is only known in
 # backward, and d/dW = sum_i g_i (onehot_i - p_i)^T h_i / T mixes rows with those unknown weights, so it cannot be
 # precomputed without keeping (N, V) numbers. (Liger can compute gradients in forward because its fused op ends in
-# a scalar loss.) So forward saves lse (N,) only, and backward recomputes each chunk's logits with one extra matmul.
-# The forward alone (old / reference log-probs under no_grad) costs one matmul, like the naive path.
-# One recompute is saved: when a backward will follow, the last chunk's log-softmax stays in the chunk buffer (which
-# lives until backward instead of being freed; the backward needs one anyway, so this op's peak does not grow, but
-# a training step holds that chunk, up to CHUNK_BYTES, between its forward and backward) and backward starts from it. Chunks are laid out with the short one first so the kept chunk is a full one.
+# a scalar loss.) So forward saves lse (N,), and backward needs p again: three (N, H, V) matmuls are the floor
+# (logits, P W, P^T (g h)), as for the naive path, plus one more for every logit that has to be recomputed.
+#
+# On CPU time is all matmuls (~6 s each at N=2048, V=151936 on one core; a pass over a (2048, 4096) block is ~10 ms),
+# so the lever is how much to recompute. The work is split along the vocabulary, not the rows: block b holds the
+# logits of all n rows for columns [a, b). Backward then writes grad_W[a:b] = P_b^T (g h) once per block (no (V, H)
+# accumulation), and a block kept from forward can be freed as soon as its grad_W rows are written. Allocations
+# this large (>= 32 MiB, glibc's largest mmap threshold) are mmap-backed by glibc: grad_W's pages become resident only as they are written and a
+# freed block goes back to the OS at once, so while kept blocks are freed and grad_W fills in, resident memory stays
+# near max(kept, grad_W) instead of their sum (a caching allocator, as on a GPU, would hold the sum; the Triton path
+# keeps row chunks instead). This lets forward keep most of the
+# logits (KEEP_FRACTION, at most KEEP_BYTES) under the 0.25-of-naive peak budget and recompute only the rest.
+# A kept block holds z itself and a recomputed one the same bits (same matmul), so backward computes the same p
+# either way (a retain_graph second backward, which recomputes all, agrees exactly), and forward does the same
+# arithmetic whether or not it keeps, so log-probs under no_grad (old / reference log-probs) equal those computed
+# with grad bit for bit.
 #
 # Only rows with a real label are computed: ignored rows (prompt, padding) are dropped before the matmuls.
+
+KEEP_FRACTION = 0.8           # share of the logits forward may keep for backward ...
+KEEP_BYTES = 2**30            # ... but at most 1 GiB (held from forward to backward)
+BLOCK_BYTES = 32 * 2**20      # one vocabulary block of logits: the recompute buffer, 32 MiB
+
+
+def vocab_block_cols(n_rows, vocab, elem_size, chunk_size=None):
+    """Columns per vocabulary block (a block holds every row). Default: at least BLOCK_BYTES of logits, rounded up to
+    a multiple of 128 columns, so that blocks stay above glibc's largest mmap threshold (32 MiB; see the comment
+    above). chunk_size: the memory of chunk_size full rows, i.e. chunk_size * V logits per block,
+    so the argument bounds the same working memory as in the row-chunked Triton path (tests use tiny values to get
+    many blocks). fp32, BLOCK_BYTES: N=2048 -> 4096 columns; N=4096 -> 2048 columns."""
+    n = max(n_rows, 1)
+    if chunk_size is None:
+        cols = -(-BLOCK_BYTES // (n * elem_size * 128)) * 128
+    else:
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        cols = max(1, int(chunk_size) * vocab // n)
+    return min(cols, vocab)
+
+
+def kept_blocks(n_rows, vocab, elem_size, cols):
+    """How many of the leading vocabulary blocks forward keeps for backward: KEEP_FRACTION of the logits, or
+    CHUNK_BYTES if that is more (small calls keep everything and recompute nothing), at most KEEP_BYTES. Naive holds
+    >= 3 (N, V) fp32 tensors at its peak, so 0.8 of one, plus a block, stays under 0.25 of it."""
+    budget = min(max(KEEP_FRACTION * n_rows * vocab, CHUNK_BYTES / elem_size), KEEP_BYTES / elem_size)  # logits
+    return min(int(budget // max(n_rows * cols, 1)), -(-vocab // cols))
+
 
 class FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, want_entropy, keep_last):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, want_entropy, keep):
         # hidden (N, H), weight (V, H), labels (N,)
         N, H = hidden.shape
         V = weight.shape[0]
         dtype = compute_dtype(hidden)
+        esize = torch.finfo(dtype).bits // 8
         rows_idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)             # (n,) rows that have a label
         n = rows_idx.numel()
-        h = _select_rows(hidden, rows_idx, dtype)                            # (n, H)
+        h = _scaled(_select_rows(hidden, rows_idx, dtype), temperature)     # (n, H) h / T
         W = weight.to(dtype)                                                 # (V, H) no copy when already fp32
         y = labels[rows_idx]                                                 # (n,)
-        rows = default_chunk_rows(V, torch.finfo(dtype).bits // 8, max(n, 1), chunk_size)
-        logp_v = torch.empty(n, dtype=dtype, device=hidden.device)
-        lse = torch.empty(n, dtype=dtype, device=hidden.device)
-        ent_v = torch.empty(n if want_entropy else 0, dtype=dtype, device=hidden.device)
-        buf = torch.empty(min(rows, n), V, dtype=dtype, device=hidden.device)  # (C, V) reused by every chunk
-        for i, j in chunk_bounds(n, rows):
-            z = torch.mm(_scaled(h[i:j], temperature), W.T, out=buf[:j - i])  # (c, V) z = h W^T / T
-            logp_v[i:j], lse[i:j], ent_c = log_softmax_rows_(z, y[i:j], want_entropy)
+        cols = vocab_block_cols(n, V, esize, chunk_size)
+        blocks = vocab_blocks(V, cols)
+        n_keep = kept_blocks(n, V, esize, cols) if keep and n > 0 else 0
+        B = len(blocks)
+        z_y = torch.zeros(n, dtype=dtype, device=hidden.device)             # (n,) label logit
+        lse_b = torch.empty(n, B, dtype=dtype, device=hidden.device)        # (n, B) logsumexp per block
+        u_b = torch.empty(n, B if want_entropy else 0, dtype=dtype, device=hidden.device)  # (n, B) E_block[z]
+        buf = torch.empty(n * cols if n_keep < B else 0, dtype=dtype, device=hidden.device)  # reused, not kept
+        scratch = torch.empty(n * cols, dtype=dtype, device=hidden.device)  # exp(z - m), reused by every block
+        kept = []
+        for k, (a, b) in enumerate(blocks):
+            w = b - a
+            # kept blocks get their own tensor; the others share buf (no fresh pages to fault in per block)
+            z = torch.empty(n, w, dtype=dtype, device=hidden.device) if k < n_keep else buf[:n * w].view(n, w)
+            torch.mm(h, W[a:b].T, out=z)                                     # (n, w) z = h W^T / T, this block
+            hit = ((y >= a) & (y < b)).nonzero().squeeze(1)                  # rows whose label is in this block
+            z_y[hit] = z[hit, y[hit] - a]
+            m = torch.amax(z, dim=1)                                         # (n,)
+            e = torch.sub(z, m[:, None], out=scratch[:n * w].view(n, w)).exp_()  # (n, w) exp(z - m)
+            s = e.sum(1)                                                     # (n,)
+            lse_b[:, k] = m + s.log()
             if want_entropy:
-                ent_v[i:j] = ent_c
+                u_b[:, k] = torch.linalg.vecdot(e, z) / s                    # E_block[z] = sum e z / s
+            if k < n_keep:
+                kept.append(z)
+        lse = torch.logsumexp(lse_b, dim=1)                                  # (n,) over the whole vocabulary
+        logp_v = z_y - lse
         logp = _scatter_rows(logp_v, rows_idx, N)
-        ent = _scatter_rows(ent_v, rows_idx, N) if want_entropy else ent_v
+        ent = torch.zeros(0, dtype=dtype, device=hidden.device)
+        if want_entropy:                                                     # H = lse - sum_b P(block b) E_block[z]
+            ent = _scatter_rows(lse - ((lse_b - lse[:, None]).exp() * u_b).sum(1), rows_idx, N)
         ctx.save_for_backward(hidden, weight, rows_idx, y, lse)
-        ctx.temperature, ctx.rows = temperature, rows
-        ctx.kept = z if keep_last and n > 0 else None                        # (c, V) last chunk's log-softmax
+        ctx.temperature, ctx.cols = temperature, cols
+        ctx.kept = kept or None                                              # [(n, w)] logits of blocks 0..
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -223,47 +282,50 @@ class FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, rows_idx, y, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
-        dtype, T, rows = lse.dtype, ctx.temperature, ctx.rows
+        dtype, T, cols = lse.dtype, ctx.temperature, ctx.cols
         n, (V, H) = rows_idx.numel(), weight.shape
+        kept, ctx.kept = ctx.kept, None                                      # usable once (retain_graph recomputes)
         h = _select_rows(hidden, rows_idx, dtype)                            # (n, H)
+        h_t = _scaled(h, T)                                                  # (n, H) h / T, for the recompute
         W = weight.to(dtype)                                                 # (V, H)
         g = grad_logp[rows_idx].to(dtype) / T                                # (n,) upstream grad / T
-        grad_h = torch.empty(n, H, dtype=dtype, device=hidden.device) if need_h else None
-        # fp32 accumulator; the first chunk writes it (so no zero fill), unless there is no chunk at all
+        neg_gh = h * (-g[:, None])                                           # (n, H) -g h
+        grad_h = torch.zeros(n, H, dtype=dtype, device=hidden.device) if need_h else None
+        # every row of grad_W is written by exactly one block (so no zero fill, and its pages are touched block by
+        # block), unless there are no rows at all
         grad_w = (torch.empty if n > 0 else torch.zeros)(V, H, dtype=dtype, device=hidden.device) if need_w else None
-        kept, ctx.kept = ctx.kept, None                                      # usable once (retain_graph reruns)
-        buf = kept if kept is not None else torch.empty(min(rows, n), V, dtype=dtype, device=hidden.device)
-        # G = diag(g) (onehot - P) with g = upstream grad / T. The onehot part and the row scaling by g are applied
-        # to (c, H) tensors, so the (c, V) chunk only sees the recompute and p = exp(z - lse) (sub, exp):
+        n_keep = len(kept) if kept is not None else 0
+        buf = None
+        # G = diag(g) (onehot - P). The onehot part and the row scaling by g are applied to (n, H) tensors, so a
+        # (n, w) block only sees the recompute and p:
         #   grad_h = G W   = g * (W[y] - P W)
         #   grad_W = G^T h = scatter_add(y, g * h) - P^T (g * h)
-        for k, (i, j) in enumerate(reversed(chunk_bounds(n, rows))):       # last chunk first: it may be kept
-            h_c, y_c, g_c = h[i:j], y[i:j], g[i:j, None]                    # (c, H), (c,), (c, 1)
-            if k == 0 and kept is not None:
-                P = kept.exp_()                                              # (c, V) p = exp(log p), no recompute
+        for k, (a, b) in enumerate(vocab_blocks(V, cols) if n > 0 else []):
+            w = b - a
+            if k < n_keep:
+                z, kept[k] = kept[k], None                                   # (n, w) z kept from forward
             else:
-                z = torch.mm(_scaled(h_c, T), W.T, out=buf[:j - i])          # (c, V) recomputed logits / T
-                P = softmax_rows_(z, lse[i:j])                               # (c, V) softmax, in place
+                if buf is None:
+                    buf = torch.empty(n * min(cols, V), dtype=dtype, device=hidden.device)
+                z = torch.mm(h_t, W[a:b].T, out=buf[:n * w].view(n, w))     # (n, w) recomputed z, same bits
+            P = z.sub_(lse[:, None]).exp_()                                  # (n, w) p = exp(z - lse), in place
             if need_h:
-                gh = torch.mm(P, W, out=grad_h[i:j])                         # (c, H) P W
-                gh.sub_(W[y_c]).mul_(-g_c)                                   # g * (W[y] - P W)
+                grad_h.addmm_(P, W[a:b])                                     # += P W over this block
             if need_w:
-                gh_w = h_c * (-g_c)                                          # (c, H) -g * h
-                if k == 0:
-                    torch.mm(P.T, gh_w, out=grad_w)                          # (V, H) grad_W = -P^T (g h)
-                else:
-                    grad_w.addmm_(P.T, gh_w)                                 # grad_W -= P^T (g h)
+                torch.mm(P.T, neg_gh, out=grad_w[a:b])                       # (w, H) -P^T (g h)
+            del z, P                                                         # a kept block is freed here
+        if need_h:
+            grad_h.sub_(W[y]).mul_(-g[:, None])                              # g * (W[y] - P W)
         if need_w:
-            grad_w.index_add_(0, y, g[:, None] * h)                          # grad_W[y] += g h (once, all rows)
+            grad_w.index_add_(0, y, g[:, None] * h)                          # grad_W[y] += g h
         grad_hidden = _scatter_rows(grad_h, rows_idx, hidden.shape[0]).to(hidden.dtype) if need_h else None
         grad_weight = grad_w.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def chunk_bounds(n, rows):
-    """[(i, j), ...] covering range(n) in chunks of `rows`, the short chunk first: 10, 4 -> (0,2) (2,6) (6,10)."""
-    first = n - (max(n - 1, 0) // rows) * rows
-    return [(0, first)] + [(i, i + rows) for i in range(first, n, rows)] if n > 0 else []
+def vocab_blocks(vocab, cols):
+    """[(a, b), ...] covering range(vocab) in blocks of `cols`, the short one last: 10, 4 -> (0,4) (4,8) (8,10)."""
+    return [(a, min(a + cols, vocab)) for a in range(0, vocab, cols)]
 
 
 def _scaled(h, temperature):
@@ -285,10 +347,11 @@ def _scatter_rows(x, idx, n_rows):
 
 def fused_linear_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None, return_entropy=False):
     """hidden (N, H), weight (V, H), labels (N,) -> logprobs (N,) float32 [, entropy (N,) float32, detached],
-    with logits = hidden @ weight.T / temperature computed chunk_size rows at a time (default: default_chunk_rows)."""
+    with logits = hidden @ weight.T / temperature computed one vocabulary block (all rows) at a time
+    (default: vocab_block_cols)."""
     check_fused_inputs(hidden, weight, labels)
     check_temperature(temperature, "fused_linear_logprobs")
-    keep_last = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    keep = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp, ent = FusedLinearLogprobs.apply(hidden, weight, labels.reshape(-1).long(), float(temperature), chunk_size,
-                                          return_entropy, keep_last)
+                                          return_entropy, keep)
     return (logp, ent) if return_entropy else logp

@@ -14,7 +14,8 @@ Backward (_logprob_bwd_kernel), one program per (row, vocab block): p = exp(z - 
 grad = (onehot - p) * g / T, written in the logits' dtype (into a new tensor, or in place over a scratch chunk).
 Rows labelled -100 write 0 and do no work.
 
-The PyTorch twin (logprob_torch.py) has the same signatures and chunking; see it for the recompute rationale.
+The PyTorch twin (logprob_torch.py) has the same signatures and math (its fused op works in vocabulary blocks, for
+CPU reasons); see it for the recompute rationale.
 """
 import torch
 import triton
