@@ -198,7 +198,7 @@ def worker_ours(args):
     model, reference = grpo.load_models(cfg, path, path, torch.device("cpu"))
     tokenizer = load_tokenizer(path)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)  # as main()
+    optimizer = grpo.make_optimizer(params, cfg)                                       # as main()
     records, _, _ = step_records(args, tokenizer)
     B, G = args.prompts, args.group_size
     total = args.warmup + args.steps
