@@ -126,9 +126,10 @@ class RMSNorm(nn.Module):
 
 # Memory-lean autograd for the three elementwise pieces of a block. Autograd of the plain expressions keeps every
 # intermediate that gets multiplied: x * r in RMSNorm, q and rotate_half(q) in the rotary embedding, silu(gate) in
-# SwiGLU. The Functions below keep only their inputs (and r, one number per token) and redo that cheap elementwise
-# work in backward: activations kept for backward fall from 11788 to 7624 floats per token and layer on SmolLM2
-# (tests/test_model.py counts them), the same math as the plain expressions (compared there in float64).
+# SwiGLU, and silu(gate) * up again as the down projection's input. The Functions below keep only their inputs (and
+# r, one number per token) and redo that cheap elementwise work in backward: activations kept for backward fall from
+# 11788 to 6923 floats per token and layer on SmolLM2 (8459 with SwiGLUFn instead of SwiGLUDownFn; counted in
+# tests/test_model.py), the same math as the plain expressions (compared there in float64).
 
 class RMSNormFn(torch.autograd.Function):
     """y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps), in float32 like the reference implementations.
@@ -249,7 +250,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
+        g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+        if isinstance(self.down_proj, nn.Linear) and self.down_proj.bias is None:
+            return SwiGLUDownFn.apply(g, u, self.down_proj.weight)
+        return self.down_proj(SwiGLUFn.apply(g, u))  # a wrapped down_proj (LoRA): its own autograd
 
 
 class SwiGLUFn(torch.autograd.Function):
@@ -266,6 +270,31 @@ class SwiGLUFn(torch.autograd.Function):
         g, u = ctx.saved_tensors
         s = torch.sigmoid(g)
         return dh * u * s * (1 + g * (1 - s)), dh * g * s
+
+
+class SwiGLUDownFn(torch.autograd.Function):
+    """y = h W^T with h = silu(g) * u: SwiGLU and the down projection in one Function, so that h, the down
+    projection's input (I floats per token, as many as g or u), is not kept for backward: backward rebuilds it
+    with one multiply, as silu(g) = g * s is needed for du anyway. With s = sigmoid(g) and dh = dy W:
+    dW = dy^T h,  du = dh * g * s,  dg = dh * u * s * (1 + g (1 - s))."""
+
+    @staticmethod
+    def forward(ctx, g, u, weight):
+        ctx.save_for_backward(g, u, weight)
+        return F.linear(F.silu(g) * u, weight)  # (..., I) -> (..., H)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u, weight = ctx.saved_tensors
+        s = torch.sigmoid(g)
+        gs = g * s  # silu(g), recomputed
+        dw = None
+        if ctx.needs_input_grad[2]:
+            h = gs * u  # (..., I) recomputed down-projection input
+            dw = dy.reshape(-1, dy.shape[-1]).T @ h.reshape(-1, h.shape[-1])  # (H, I)
+            del h
+        dh = dy @ weight  # (..., I)
+        return dh * u * s * (1 + g * (1 - s)), dh * gs, dw
 
 
 class Block(nn.Module):

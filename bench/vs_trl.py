@@ -67,6 +67,10 @@ def parse_args(argv=None):
                    help="torch threads per worker (0 = torch's default, one per core). 1 by default: on a shared, "
                         "oversubscribed machine every multi-threaded op waits for its descheduled partner thread "
                         "(a 8x576x1536 matmul measured 10 ms with 2 threads vs 1.3 ms with 1 under load)")
+    p.add_argument("--phases", action="store_true",
+                   help="also report, for every step, RSS at the end of each phase (generation, old/ref log-probs, "
+                        "forward, backward, optimizer) and the peak within it: where the peak is. Resets the "
+                        "kernel's high-water mark at each phase end; the overall peak is the max over the phases")
     p.add_argument("--no-parity", action="store_true", help="skip the loss check")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", choices=["ours", "trl", "parity"], default=None, help=argparse.SUPPRESS)
@@ -83,6 +87,31 @@ def rss_mb():
     """(current RSS, peak RSS) of this process in MB, from /proc/self/status (kB)."""
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
     return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+class Phases:
+    """--phases: (phase, RSS at its end, peak RSS within it) for every phase of a step. Writing 5 to
+    /proc/self/clear_refs resets VmHWM to the current RSS, so VmHWM read at the end of a phase is the peak within
+    that phase alone; `peak` keeps the max over all phases (the process's peak, which VmHWM no longer holds)."""
+
+    def __init__(self, enabled):
+        self.enabled, self.rows, self.peak = enabled, [], 0.0
+
+    def mark(self, name):
+        if not self.enabled:
+            return
+        rss, hwm = rss_mb()
+        self.rows.append((name, rss, hwm))
+        self.peak = max(self.peak, hwm)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def take(self):
+        rows, self.rows = self.rows, []
+        return rows
+
+    def overall_peak(self):
+        return max(self.peak, rss_mb()[1])
 
 
 def set_threads(args):
@@ -169,24 +198,49 @@ def worker_ours(args):
     model, reference = grpo.load_models(cfg, path, path, torch.device("cpu"))
     tokenizer = load_tokenizer(path)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)  # as main()
+    optimizer = grpo.make_optimizer(params, cfg)                                       # as main()
     records, _, _ = step_records(args, tokenizer)
     B, G = args.prompts, args.group_size
     total = args.warmup + args.steps
+    phases = Phases(args.phases)
+    if args.phases:
+        hook_phases_ours(grpo, optimizer, phases)
     send(kind="ready", rss_imports=rss_imports, rss_setup=rss_mb()[0], torch=torch.__version__, threads=threads)
     for step in range(total):
         wait_go()
+        phases.mark("between steps")
         t0 = time.perf_counter()
         batch = grpo.sample_and_score(model, tokenizer, records[step * B:(step + 1) * B], cfg, seed=step)
         t_sample = time.perf_counter() - t0
+        phases.mark("generation + reward")
         advantages = grpo.group_advantages(batch["rewards"], G, cfg.scale_rewards)
         hist = grpo.policy_update(model, reference, optimizer, batch, advantages, list(range(B * G)), cfg,
                                   step, total, log=lambda *a, **k: None)
         dt = time.perf_counter() - t0
+        phases.mark("end of step (grads freed)")
         send(kind="step", step=step, time=dt, sample_time=t_sample, tokens=batch["comp_mask"].sum().item(),
-             reward=batch["rewards"].mean().item(), loss=hist[-1]["loss"], kl=hist[-1]["kl"])
+             reward=batch["rewards"].mean().item(), loss=hist[-1]["loss"], kl=hist[-1]["kl"], phases=phases.take())
     rss, peak = rss_mb()
-    send(kind="done", rss_end=rss, peak=peak)
+    send(kind="done", rss_end=rss, peak=phases.overall_peak() if args.phases else peak)
+
+
+def hook_phases_ours(grpo, optimizer, phases):
+    """Phase ends inside grpo.policy_update, without changing it: its module-level helpers are wrapped, and the
+    optimizer's step hooks mark the end of backward (+ clipping) and of the AdamW step."""
+    batch_logprobs, grpo_loss = grpo.batch_logprobs, grpo.grpo_loss
+
+    def marked_batch_logprobs(*a, **k):
+        out = batch_logprobs(*a, **k)
+        phases.mark("old/ref log-probs (no grad)")
+        return out
+
+    def marked_grpo_loss(*a, **k):
+        out = grpo_loss(*a, **k)
+        phases.mark("forward + loss")
+        return out
+    grpo.batch_logprobs, grpo.grpo_loss = marked_batch_logprobs, marked_grpo_loss
+    optimizer.register_step_pre_hook(lambda *a: phases.mark("backward + grad clip"))
+    optimizer.register_step_post_hook(lambda *a: phases.mark("optimizer step"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,10 +271,18 @@ def worker_trl(args):
 
         def on_step_begin(self, a, state, control, **kw):
             wait_go()
+            phases.mark("between steps")
             self.t0 = time.perf_counter()
+
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            phases.mark("backward + grad clip")
+
+        def on_optimizer_step(self, a, state, control, **kw):
+            phases.mark("optimizer step")
 
         def on_step_end(self, a, state, control, **kw):
             self.dt = time.perf_counter() - self.t0
+            phases.mark("end of step")
 
         def on_log(self, a, state, control, logs=None, **kw):
             if self.dt is None or logs is None or "loss" not in logs:
@@ -229,10 +291,11 @@ def worker_trl(args):
             send(kind="step", step=state.global_step - 1, time=self.dt, sample_time=gen_time.pop(),
                  reward=logs.get("reward"),
                  tokens=logs.get("completions/mean_length", float("nan")) * n, loss=logs.get("loss"),
-                 kl=logs.get("kl"))
+                 kl=logs.get("kl"), phases=phases.take())
             self.dt = None
 
     import tempfile
+    phases = Phases(args.phases)
     with tempfile.TemporaryDirectory() as out:
         trainer = trl.GRPOTrainer(model=path, reward_funcs=reward, args=trl_config(args, out, args.warmup + args.steps),
                                   train_dataset=dataset, processing_class=tokenizer, callbacks=[StepClock()])
@@ -243,14 +306,34 @@ def worker_trl(args):
             t = time.perf_counter()
             result = generate(*a, **k)
             gen_time.append(time.perf_counter() - t)
+            phases.mark("generation")
             return result
         trainer._generate = timed_generate
+        if args.phases:
+            hook_phases_trl(trainer, phases)
         send(kind="ready", rss_imports=rss_imports, rss_setup=rss_mb()[0], trl=trl.__version__,
              transformers=transformers.__version__, torch=torch.__version__, same_prompt_ids=same,
              prompt_tokens=[len(ids) for ids in prompt_ids], threads=threads)
         trainer.train()
     rss, peak = rss_mb()
-    send(kind="done", rss_end=rss, peak=peak)
+    send(kind="done", rss_end=rss, peak=phases.overall_peak() if args.phases else peak)
+
+
+def hook_phases_trl(trainer, phases):
+    """Phase ends inside TRL's step besides the callbacks: after generation, rewards and the no-grad old /
+    reference log-probs (_generate_and_score_completions), and after the loss forward (compute_loss)."""
+    score, compute_loss = trainer._generate_and_score_completions, trainer.compute_loss
+
+    def marked_score(*a, **k):
+        out = score(*a, **k)
+        phases.mark("rewards + old/ref log-probs (no grad)")
+        return out
+
+    def marked_compute_loss(*a, **k):
+        out = compute_loss(*a, **k)
+        phases.mark("forward + loss")
+        return out
+    trainer._generate_and_score_completions, trainer.compute_loss = marked_score, marked_compute_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,6 +496,8 @@ def run_timing(args, log_dir):
             print(f"[{name}] step {k} ({tag}): {r['time']:.2f} s (sampling {r['sample_time']:.2f} s), "
                   f"{r['tokens']:.0f} completion tokens, "
                   f"reward {r['reward']:.3f}, loss {r['loss']:.4f}", flush=True)
+            for phase, rss, peak in r.get("phases", []):
+                print(f"    {phase:40s} RSS at its end {rss:7.0f} MB, peak within it {peak:7.0f} MB")
     done = {}
     for name, w in workers.items():
         done[name] = w.read()             # after its last step each worker reports its peak and exits

@@ -105,7 +105,7 @@ def plain_swiglu(g, u):
     return g * torch.sigmoid(g) * u
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu"])
+@pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu", "swiglu_down"])
 def test_memory_lean_functions_equal_plain_autograd_float64(name):
     """Each custom Function against the plain expression under autograd, in float64 (values and gradients for a
     random upstream gradient agree to 1e-12: the same math, only round-off at 1e-16 differs), plus gradcheck."""
@@ -119,8 +119,11 @@ def test_memory_lean_functions_equal_plain_autograd_float64(name):
         cos, sin = angles.cos(), angles.sin()
         inputs, ours, plain = (rnd(2, 5, 3, 8),), (lambda x: M.RotaryFn.apply(x, cos, sin)), \
             (lambda x: plain_rope(x, cos, sin))
-    else:
+    elif name == "swiglu":
         inputs, ours, plain = (3 * rnd(4, 7), rnd(4, 7)), M.SwiGLUFn.apply, plain_swiglu
+    else:                                                                            # g, u (2, 4, 7), W (5, 7)
+        inputs, ours, plain = (3 * rnd(2, 4, 7), rnd(2, 4, 7), rnd(5, 7)), M.SwiGLUDownFn.apply, \
+            (lambda g, u, w: torch.nn.functional.linear(plain_swiglu(g, u), w))
     inputs = [t.requires_grad_() for t in inputs]
     out_ours, out_plain = ours(*inputs), plain(*inputs)
     assert torch.allclose(out_ours, out_plain, rtol=0, atol=1e-12)
@@ -136,16 +139,16 @@ def test_activations_kept_for_backward_per_token():
     """What autograd keeps for backward, counted with saved-tensor hooks (parameters excluded, shared storage counted
     once), on SmolLM2's shapes. Per layer only these may stay (floats per token): the block input x and r for each
     RMSNorm (2 x (H + 1)), the normed inputs of the projections (2 H), q, k, v and the attention output
-    (2 nh hd + 2 nkv hd) with its logsumexp (nh), gate, up and silu(gate) * up (3 I); plus, once, the final norm's
-    input and r (H + 1), cos and sin (2 hd) and the int64 token ids (2). Plain autograd of the same blocks keeps
-    11788 floats per token and layer here (x * r, q and rotate_half(q), silu(gate) besides); a change that brings
+    (2 nh hd + 2 nkv hd) with its logsumexp (nh), gate and up (2 I); plus, once, the final norm's input and r
+    (H + 1), cos and sin (2 hd) and the int64 token ids (2). Plain autograd of the same blocks keeps 11788 floats per
+    token and layer here (x * r, q and rotate_half(q), silu(gate) and silu(gate) * up besides); a change that brings
     one of those back fails this."""
     cfg = M.ModelConfig(num_hidden_layers=2)
     torch.manual_seed(0)
     model = M.Transformer(cfg)
     H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
         cfg.num_key_value_heads
-    per_layer = 2 * (H + 1) + 2 * H + 2 * nh * hd + 2 * nkv * hd + nh + 3 * I
+    per_layer = 2 * (H + 1) + 2 * H + 2 * nh * hd + 2 * nkv * hd + nh + 2 * I
     bound = cfg.num_hidden_layers * per_layer + (H + 1) + 2 * hd + 2
     params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
     kept = {}
