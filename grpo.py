@@ -584,18 +584,22 @@ def micro_batches(rows, micro_batch, group_size):
 STOP_STRINGS = ["</answer>"]   # the model keeps writing after its answer block; stop the row right there
 
 
+def training_prompt(record, tokenizer, cfg):
+    """(prompt_ids, prefill) of one record: the same prompt in both stages and in eval.py, with the refusal example.
+    Without it the untrained model never refuses (0/40 measured in data.py). Shown only in stage 2, stage 1 trained
+    a model that refused ~3% of unanswerable questions under the stage-2 prompt and 0 of ~130 samples in a stage-2
+    run (measured), which left the refusal reward nothing to reinforce. In stage 1 a refusal scores like a wrong
+    answer."""
+    from data import build_prompt
+    return build_prompt(record, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, refusal_example=True)
+
+
 def sample_and_score(model, tokenizer, records, cfg, seed):
     """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]."""
-    from data import build_prompt
     from model import generate
     from rewards import stage_reward
     G = cfg.group_size
-    # One prompt in both stages and in eval.py, with the refusal example: without it the untrained model never
-    # refuses (0/40 measured in data.py). Shown only in stage 2, stage 1 trained a model that refused ~3% of
-    # unanswerable questions under the stage-2 prompt and 0 of ~130 samples in a stage-2 run (measured), which
-    # left the refusal reward nothing to reinforce. In stage 1 a refusal scores like a wrong answer.
-    built = [build_prompt(r, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, refusal_example=True)
-             for r in records]
+    built = [training_prompt(r, tokenizer, cfg) for r in records]
     prompts = [ids for ids, _ in built]
     cfg_eos = model.config.eos_token_id                    # int, list or None in Hugging Face configs
     eos = sorted({tokenizer.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]) - {None})

@@ -1,7 +1,7 @@
 """One GRPO step of this project's trainer (grpo.py) against TRL's GRPOTrainer, on CPU, same work.
 
 Both trainers get the same model (the built-in SmolLM2-135M-Instruct, float32, from model.builtin_model_dir()), the
-same prompts in the same order (the synthetic stage-1 task, data.build_prompt; TRL gets that prompt as text, and we
+same prompts in the same order (the synthetic stage-1 task, grpo.training_prompt; TRL gets that prompt as text, and we
 check it tokenizes back to the same ids), the same reward (rewards.stage_reward on prefill + completion), the same
 G, max new tokens, temperature, top-p, beta > 0 (so both hold a frozen reference model and run it every step),
 k3 KL, clip range, learning rate (constant), AdamW betas, gradient clipping, reward scaling and loss aggregation:
@@ -169,10 +169,10 @@ def step_records(args, tokenizer):
     """The records of every step, in the order our trainer takes them (grpo.next_records), with their prompts.
     -> (records, prompt_ids, prefills), flat: step k uses entries [k*B:(k+1)*B]."""
     import grpo
-    from data import build_prompt, load_data, stage_records
+    from data import load_data, stage_records
     pool = stage_records(load_data("builtin", split="train", seed=args.seed), 1, args.seed)
     records, _ = grpo.next_records(pool, [0, 0], (args.warmup + args.steps) * args.prompts, args.seed)
-    built = [build_prompt(r, tokenizer, max_prompt_tokens=our_config(args).max_prompt_tokens) for r in records]
+    built = [grpo.training_prompt(r, tokenizer, our_config(args)) for r in records]  # what grpo.main samples from
     return records, [ids for ids, _ in built], [pre for _, pre in built]
 
 

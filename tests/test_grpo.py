@@ -432,3 +432,18 @@ def test_stage_defaults_and_explicit_flags():
     given = grpo.parse_args(["--stage", "2", "--group-size", "4", "--temperature", "0.5"])
     assert (given.batch_prompts, given.group_size, given.temperature) == (2, 4, 0.5)
     assert (one.out, two.out) == ("runs/stage1", "runs/stage2")
+
+
+def test_training_prompt_is_the_eval_prompt_in_both_stages():
+    import data
+    from model import ModelError, load_tokenizer
+    try:
+        tok = load_tokenizer("builtin")
+    except ModelError as e:
+        pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
+    r = data.synthetic_records("train", 1, seed=0)[0]
+    as_in_eval, _ = data.build_prompt(r, tok, refusal_example=True)        # what eval.py builds
+    for stage in ("1", "2"):
+        ids, prefill = grpo.training_prompt(r, tok, grpo.parse_args(["--stage", stage]))
+        assert ids == as_in_eval and prefill == "<think>"
+        assert data.REFUSAL_EXAMPLE["answer"] in tok.decode(ids)
