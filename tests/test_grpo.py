@@ -298,7 +298,7 @@ def tiny_dir(tmp_path_factory):
 
 def run_args(model_dir, out, *extra):
     return ["--model", str(model_dir), "--out", str(out), "--batch-prompts", "2", "--group-size", "3",
-            "--max-new-tokens", "6", "--max-prompt-tokens", "400", "--micro-batch", "4", "--lr", "3e-3",
+            "--max-new-tokens", "6", "--max-prompt-tokens", "640", "--micro-batch", "4", "--lr", "3e-3",
             "--warmup-steps", "1", "--no-progress", "--save-every", "100", *extra]
 
 
