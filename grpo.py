@@ -171,7 +171,7 @@ class Config:
     init: str | None = None         # weights to start from; stage 2 default: the stage-1 output if present, else model
     data: str = "builtin"           # "builtin" synthetic grounded QA, or an ALCE / Trust-Score JSON(L) file
     out: str | None = None          # run directory; default runs/stage{N}
-    steps: int = 30                 # sampling rounds; each does `mu` optimizer steps
+    steps: int = 40                 # sampling rounds; each does `mu` optimizer steps (stage 2 default: 30)
     batch_prompts: int = 4          # prompts per sampling round per process (stage 2 default: 2, see STAGE_DEFAULTS)
     group_size: int = 8             # G completions per prompt (stage 2 default: 16)
     max_new_tokens: int = 64        # completion budget (the built-in task's answers need ~35 tokens)
@@ -206,9 +206,10 @@ class Config:
 
 # Stage 2 samples wider: after stage 1 the built-in model refuses ~3% of unanswerable questions (measured at
 # T = 0.7 and 1.0 on 16 eval questions x 4), so a group of 8 holds a refusal only ~1 time in 5; with 16 samples at
-# T = 1.0 about 2 in 5 groups do, at the same 32 completions per step.
-STAGE_DEFAULTS = {1: dict(batch_prompts=4, group_size=8, temperature=0.7),
-                  2: dict(batch_prompts=2, group_size=16, temperature=1.0)}
+# T = 1.0 about 2 in 5 groups do, at the same 32 completions per step. Stage 1 runs 40 steps: at 30 the built-in
+# demo's reward rose 0.85 with 59% right answers over the last 5 steps, at 40 it rose 1.04 with 75% (20 min, measured).
+STAGE_DEFAULTS = {1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7),
+                  2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0)}
 
 HELP = {
     "stage": "1: tag/format/answer/citation rewards on answerable questions; 2: adds the refusal reward on a 50/50 "
@@ -218,7 +219,8 @@ HELP = {
             "when it exists)",
     "data": "'builtin' (synthetic grounded QA) or an ALCE / Trust-Score JSON or JSONL file",
     "out": "run directory (default runs/stage{N}): metrics.jsonl, samples.jsonl, config.json, checkpoint/",
-    "steps": "sampling rounds (each one: sample, score, then --mu optimizer steps)",
+    "steps": "sampling rounds (each one: sample, score, then --mu optimizer steps; default: 40 in stage 1, 30 in "
+             "stage 2)",
     "batch_prompts": "prompts per sampling round and process (default: 4 in stage 1, 2 in stage 2)",
     "group_size": "completions sampled per prompt, G (default: 8 in stage 1, 16 in stage 2)",
     "max_new_tokens": "completion length budget in tokens",

@@ -426,11 +426,12 @@ def test_batch_metrics_hand_example():
 
 def test_stage_defaults_and_explicit_flags():
     one, two = grpo.parse_args(["--stage", "1"]), grpo.parse_args(["--stage", "2"])
-    assert (one.batch_prompts, one.group_size, one.temperature) == (4, 8, 0.7)
-    assert (two.batch_prompts, two.group_size, two.temperature) == (2, 16, 1.0)
+    assert (one.steps, one.batch_prompts, one.group_size, one.temperature) == (40, 4, 8, 0.7)
+    assert (two.steps, two.batch_prompts, two.group_size, two.temperature) == (30, 2, 16, 1.0)
     assert one.batch_prompts * one.group_size == two.batch_prompts * two.group_size  # same completions per step
     given = grpo.parse_args(["--stage", "2", "--group-size", "4", "--temperature", "0.5"])
     assert (given.batch_prompts, given.group_size, given.temperature) == (2, 4, 0.5)
+    assert grpo.parse_args(["--stage", "1", "--steps", "3"]).steps == 3
     assert (one.out, two.out) == ("runs/stage1", "runs/stage2")
 
 
