@@ -183,6 +183,7 @@ class Config:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     beta: float = 0.0               # KL penalty weight; 0 = no reference model is computed at all
+    ref: str | None = None          # KL reference weights; default: init, the frozen start of this stage
     kl: str = "k3"
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -204,9 +205,10 @@ class Config:
     no_progress: bool = False
 
 
-# Stage 2 samples wider: after stage 1 the built-in model refuses ~3% of unanswerable questions (measured at
-# T = 0.7 and 1.0 on 16 eval questions x 4), so a group of 8 holds a refusal only ~1 time in 5; with 16 samples at
-# T = 1.0 about 2 in 5 groups do, at the same 32 completions per step. Stage 1 runs 40 steps: at 30 the built-in
+# Stage 2 samples wider, at the same 32 completions per step: a stage-1 model of an earlier design refused ~3% of
+# unanswerable questions (measured at T = 0.7 and 1.0 on 16 eval questions x 4), so a group of 8 would hold a
+# refusal ~1 time in 5 and a group of 16 at T = 1.0 ~2 in 5. The current stage-1 model refuses none (README:
+# stage 2 then has no refusal to reinforce on the built-in task). Stage 1 runs 40 steps: at 30 the built-in
 # demo's reward rose 0.85 with 59% right answers over the last 5 steps, at 40 it rose 1.04 with 75% (20 min, measured).
 STAGE_DEFAULTS = {1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7),
                   2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0)}
@@ -233,6 +235,8 @@ HELP = {
     "min_lr_ratio": "the cosine decays to lr * min_lr_ratio",
     "weight_decay": "AdamW weight decay",
     "beta": "weight of the KL penalty to the frozen reference (0 = none, and no reference forward at all)",
+    "ref": "weights of the frozen KL reference (default: --init, the start of this stage; e.g. 'builtin' in stage 2 "
+           "keeps the pull toward the untrained model, whose refusals stage 1 removed); not with --lora-rank",
     "kl": "KL estimator: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1",
     "eps_low": "ratio clipped below at 1 - eps_low",
     "eps_high": "ratio clipped above at 1 + eps_high (DAPO 'clip higher': 0.28)",
@@ -281,6 +285,10 @@ def parse_args(argv=None) -> Config:
         p.error("--temperature must be > 0 (the policy is softmax(logits / temperature))")
     if cfg.group_size < 2:
         p.error("--group-size must be >= 2 (advantages compare completions of the same prompt)")
+    if cfg.ref is not None and cfg.lora_rank > 0:
+        p.error("--ref needs a full fine-tune: with --lora-rank the reference is the policy with adapters off")
+    if cfg.ref is not None and cfg.beta == 0:
+        p.error("--ref is the KL reference: it needs --beta > 0")
     return cfg
 
 
@@ -419,8 +427,8 @@ def resolve_init(cfg, log=print) -> str:
 
 def load_models(cfg, weights, init, device):
     """-> (policy, reference or None). The policy starts from `weights` (init, or a checkpoint when resuming).
-    The reference is the frozen start of this stage, `init`: with LoRA the same module with adapters off;
-    otherwise a frozen copy, and none at all when beta == 0."""
+    The reference is the frozen start of this stage, `init` (or `--ref`): with LoRA the same module with adapters
+    off; otherwise a frozen copy, and none at all when beta == 0."""
     from model import Transformer
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     policy = Transformer.from_pretrained(weights, dtype=dtype, device=device)
@@ -430,7 +438,7 @@ def load_models(cfg, weights, init, device):
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
         policy.to(device)
     elif cfg.beta > 0:
-        reference = Transformer.from_pretrained(init, dtype=dtype, device=device)
+        reference = Transformer.from_pretrained(cfg.ref or init, dtype=dtype, device=device)
         reference.eval().requires_grad_(False)
     if cfg.grad_checkpoint:
         policy.gradient_checkpointing = True
@@ -878,7 +886,7 @@ def main(argv=None):
     n_train = sum(p.numel() for p in params)
     log(f"[model] {weights}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{n_train / 1e6:.2f}M trained ({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}), "
-        f"reference: {'none (beta = 0)' if cfg.beta == 0 else 'adapters off' if cfg.lora_rank else 'frozen copy'}; "
+        f"reference: {'none (beta = 0)' if cfg.beta == 0 else 'adapters off' if cfg.lora_rank else cfg.ref or init}; "
         f"{world} process(es) on {device}")
 
     # --- data

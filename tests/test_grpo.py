@@ -448,3 +448,24 @@ def test_training_prompt_is_the_eval_prompt_in_both_stages():
         ids, prefill = grpo.training_prompt(r, tok, grpo.parse_args(["--stage", stage]))
         assert ids == as_in_eval and prefill == "<think>"
         assert data.REFUSAL_EXAMPLE["answer"] in tok.decode(ids)
+
+
+def test_ref_flag_sets_the_kl_reference(tmp_path):
+    """--ref loads the frozen reference from other weights than the policy's start (default: the start itself)."""
+    start, other = tmp_path / "start", tmp_path / "other"
+    tiny_model(seed=11).save_pretrained(start)
+    tiny_model(seed=12).save_pretrained(other)
+    device = torch.device("cpu")
+
+    def first_weight(m):
+        return m.model.embed_tokens.weight
+
+    policy, ref = grpo.load_models(cfg_for(beta=0.1), str(start), str(start), device)
+    assert torch.equal(first_weight(ref), first_weight(policy))
+    policy, ref = grpo.load_models(cfg_for(beta=0.1, ref=str(other)), str(start), str(start), device)
+    assert torch.equal(first_weight(policy), first_weight(tiny_model(seed=11)))
+    assert torch.equal(first_weight(ref), first_weight(tiny_model(seed=12)))
+    assert not any(p.requires_grad for p in ref.parameters())
+    for bad in (["--ref", str(other)], ["--ref", str(other), "--beta", "0.1", "--lora-rank", "4"]):
+        with pytest.raises(SystemExit):
+            grpo.parse_args(bad)
