@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -209,7 +210,7 @@ class Config:
 # unanswerable questions (measured at T = 0.7 and 1.0 on 16 eval questions x 4), so a group of 8 would hold a
 # refusal ~1 time in 5 and a group of 16 at T = 1.0 ~2 in 5. The current stage-1 model refuses none (README:
 # stage 2 then has no refusal to reinforce on the built-in task). Stage 1 runs 40 steps: at 30 the built-in
-# demo's reward rose 0.85 with 59% right answers over the last 5 steps, at 40 it rose 1.04 with 75% (20 min, measured).
+# demo's reward rose 0.85 (59% right answers over the last 5 steps), at 40 it rose 1.04 (75%; 20 min, measured).
 STAGE_DEFAULTS = {1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7),
                   2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0)}
 
@@ -440,6 +441,10 @@ def load_models(cfg, weights, init, device):
     elif cfg.beta > 0:
         reference = Transformer.from_pretrained(cfg.ref or init, dtype=dtype, device=device)
         reference.eval().requires_grad_(False)
+        if reference.config.vocab_size != policy.config.vocab_size:   # log-probs of the same ids must mean the same
+            from model import ModelError
+            raise ModelError(f"--ref {cfg.ref}: its vocabulary has {reference.config.vocab_size} tokens, the "
+                             f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer")
     if cfg.grad_checkpoint:
         policy.gradient_checkpointing = True
     return policy, reference
@@ -992,5 +997,17 @@ def main(argv=None):
     return history
 
 
+def cli(argv=None):
+    """main() with bad input (a wrong path, a malformed record, an overlong prompt, mismatched models) reported in
+    one line, as argparse reports a bad flag, instead of a traceback from deep inside."""
+    from data import DataError
+    from model import ModelError
+    try:
+        return main(argv)
+    except (DataError, ModelError) as e:
+        print(f"grpo.py: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None                             # argparse's exit status for bad input
+
+
 if __name__ == "__main__":
-    main()
+    cli()

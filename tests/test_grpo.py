@@ -469,3 +469,19 @@ def test_ref_flag_sets_the_kl_reference(tmp_path):
     for bad in (["--ref", str(other)], ["--ref", str(other), "--beta", "0.1", "--lora-rank", "4"]):
         with pytest.raises(SystemExit):
             grpo.parse_args(bad)
+
+
+def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
+    """A wrong path or a reference with another vocabulary ends the run with one line naming it, exit status 2."""
+    small = tmp_path / "small_vocab"
+    tiny_model(vocab=64).save_pretrained(small)
+    cases = [(["--ref", str(tmp_path / "nope"), "--beta", "0.1"], "nope: model directory not found"),
+             (["--data", str(tmp_path / "nope.json")], "nope.json: no such file"),
+             (["--ref", str(small), "--beta", "0.1"], "its vocabulary has 64 tokens")]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            grpo.cli(run_args(tiny_dir, tmp_path / "out", "--steps", "1", *extra))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2
+        assert err[-1].startswith("grpo.py: error: ") and expected in err[-1], err
+        assert not any("Traceback" in line for line in err)
