@@ -3,8 +3,9 @@
 Same signatures and math as the Triton path: the forward pass saves the per-row logsumexp and the backward pass
 gets the softmax back from it, so no (N, V) tensor of logits is ever built ("full logits -> log_softmax -> gather"
 builds one, keeps a second N x V copy for backward and builds two more in backward). logprobs_from_logits works in
-chunks of rows like the Triton path; fused_linear_logprobs works in vocabulary blocks of all rows and keeps most of
-its forward logits for backward, which suits a CPU whose time is all matmuls (see the comment above its class).
+chunks of rows like the Triton path; fused_linear_logprobs works in vocabulary blocks of all rows and keeps most
+of its forward exp(logits - block max) for backward, which suits a CPU whose time is all matmuls (see the comment
+above its class).
 
 With z = logits / T (one row), lse = log sum_v exp(z_v), p_v = exp(z_v - lse):
     logp    = z[y] - lse
@@ -186,15 +187,20 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
 # so the lever is how much to recompute. The work is split along the vocabulary, not the rows: block b holds the
 # logits of all n rows for columns [a, b). Backward then writes grad_W[a:b] = P_b^T (g h) once per block (no (V, H)
 # accumulation), and a block kept from forward can be freed as soon as its grad_W rows are written. Allocations
-# this large (>= 32 MiB, glibc's largest mmap threshold) are mmap-backed by glibc: grad_W's pages become resident only as they are written and a
-# freed block goes back to the OS at once, so while kept blocks are freed and grad_W fills in, resident memory stays
-# near max(kept, grad_W) instead of their sum (a caching allocator, as on a GPU, would hold the sum; the Triton path
-# keeps row chunks instead). This lets forward keep most of the
-# logits (KEEP_FRACTION, at most KEEP_BYTES) under the 0.25-of-naive peak budget and recompute only the rest.
-# A kept block holds z itself and a recomputed one the same bits (same matmul), so backward computes the same p
-# either way (a retain_graph second backward, which recomputes all, agrees exactly), and forward does the same
-# arithmetic whether or not it keeps, so log-probs under no_grad (old / reference log-probs) equal those computed
-# with grad bit for bit.
+# this large (>= 32 MiB, glibc's largest mmap threshold) are mmap-backed by glibc: grad_W's pages become resident
+# only as they are written and a freed block goes back to the OS at once, so while kept blocks are freed and grad_W
+# fills in, resident memory stays near max(kept, grad_W) instead of their sum (a caching allocator, as on a GPU,
+# would hold the sum; the Triton path keeps row chunks instead). This lets forward keep most of the logits
+# (KEEP_FRACTION, at most KEEP_BYTES) under the 0.25-of-naive peak budget and recompute only the rest.
+# A kept block does not hold z but e = exp(z - m_b), the numbers forward computes anyway for the block's logsumexp
+# (m_b (n,) the row max within the block, saved for every block). Backward needs p = exp(z - lse) = e * c with
+# c = exp(m_b - lse), one scalar per row, and folds c into the (n, H) operands instead of scaling the (n, w) block:
+#   P_b W_b = diag(c) (E_b W_b),   P_b^T (g h) = E_b^T (c g h)
+# so a kept block costs backward its two matmuls and no pass over the block (before: a subtract and an exp). A
+# recomputed block gets e from the same matmul and the same subtract and exp, so it holds the same bits as a kept
+# one: a retain_graph second backward (which recomputes all) agrees with the first exactly, and forward does the
+# same arithmetic whether or not it keeps, so log-probs under no_grad (old / reference log-probs) equal those
+# computed with grad bit for bit.
 #
 # Only rows with a real label are computed: ignored rows (prompt, padding) are dropped before the matmuls.
 
@@ -248,39 +254,41 @@ class FusedLinearLogprobs(torch.autograd.Function):
         z_y = torch.zeros(n, dtype=dtype, device=hidden.device)             # (n,) label logit
         lse_b = torch.empty(n, B, dtype=dtype, device=hidden.device)        # (n, B) logsumexp per block
         u_b = torch.empty(n, B if want_entropy else 0, dtype=dtype, device=hidden.device)  # (n, B) E_block[z]
-        buf = torch.empty(n * cols if n_keep < B else 0, dtype=dtype, device=hidden.device)  # reused, not kept
-        scratch = torch.empty(n * cols, dtype=dtype, device=hidden.device)  # exp(z - m), reused by every block
+        m_b = torch.empty(n, B, dtype=dtype, device=hidden.device)          # (n, B) row max per block
+        buf = torch.empty(n * cols, dtype=dtype, device=hidden.device)      # z of the current block, reused
+        scratch = torch.empty(n * cols, dtype=dtype, device=hidden.device)  # exp(z - m) of a block not kept, reused
         kept = []
         for k, (a, b) in enumerate(blocks):
             w = b - a
-            # kept blocks get their own tensor; the others share buf (no fresh pages to fault in per block)
-            z = torch.empty(n, w, dtype=dtype, device=hidden.device) if k < n_keep else buf[:n * w].view(n, w)
-            torch.mm(h, W[a:b].T, out=z)                                     # (n, w) z = h W^T / T, this block
+            z = torch.mm(h, W[a:b].T, out=buf[:n * w].view(n, w))          # (n, w) z = h W^T / T, this block
             hit = ((y >= a) & (y < b)).nonzero().squeeze(1)                  # rows whose label is in this block
             z_y[hit] = z[hit, y[hit] - a]
             m = torch.amax(z, dim=1)                                         # (n,)
-            e = torch.sub(z, m[:, None], out=scratch[:n * w].view(n, w)).exp_()  # (n, w) exp(z - m)
+            # a kept block's e gets its own tensor; the others share scratch (no fresh pages to fault in per block)
+            e_out = torch.empty(n, w, dtype=dtype, device=hidden.device) if k < n_keep else scratch[:n * w].view(n, w)
+            e = torch.sub(z, m[:, None], out=e_out).exp_()                   # (n, w) exp(z - m)
             s = e.sum(1)                                                     # (n,)
             lse_b[:, k] = m + s.log()
+            m_b[:, k] = m
             if want_entropy:
                 u_b[:, k] = torch.linalg.vecdot(e, z) / s                    # E_block[z] = sum e z / s
             if k < n_keep:
-                kept.append(z)
+                kept.append(e)
         lse = torch.logsumexp(lse_b, dim=1)                                  # (n,) over the whole vocabulary
         logp_v = z_y - lse
         logp = _scatter_rows(logp_v, rows_idx, N)
         ent = torch.zeros(0, dtype=dtype, device=hidden.device)
         if want_entropy:                                                     # H = lse - sum_b P(block b) E_block[z]
             ent = _scatter_rows(lse - ((lse_b - lse[:, None]).exp() * u_b).sum(1), rows_idx, N)
-        ctx.save_for_backward(hidden, weight, rows_idx, y, lse)
+        ctx.save_for_backward(hidden, weight, rows_idx, y, lse, m_b)
         ctx.temperature, ctx.cols = temperature, cols
-        ctx.kept = kept or None                                              # [(n, w)] logits of blocks 0..
+        ctx.kept = kept or None                                              # [(n, w)] exp(z - m_b) of blocks 0..
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        hidden, weight, rows_idx, y, lse = ctx.saved_tensors
+        hidden, weight, rows_idx, y, lse, m_b = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         dtype, T, cols = lse.dtype, ctx.temperature, ctx.cols
         n, (V, H) = rows_idx.numel(), weight.shape
@@ -294,26 +302,27 @@ class FusedLinearLogprobs(torch.autograd.Function):
         # every row of grad_W is written by exactly one block (so no zero fill, and its pages are touched block by
         # block), unless there are no rows at all
         grad_w = (torch.empty if n > 0 else torch.zeros)(V, H, dtype=dtype, device=hidden.device) if need_w else None
-        n_keep = len(kept) if kept is not None else 0
+        kept = kept or []
+        c = (m_b - lse[:, None]).exp()                                       # (n, B) p = exp(z - m_b) * c, per block
         buf = None
-        # G = diag(g) (onehot - P). The onehot part and the row scaling by g are applied to (n, H) tensors, so a
-        # (n, w) block only sees the recompute and p:
-        #   grad_h = G W   = g * (W[y] - P W)
-        #   grad_W = G^T h = scatter_add(y, g * h) - P^T (g * h)
+        # G = diag(g) (onehot - P). The onehot part and the row scalings (by g, and by c) are applied to (n, H)
+        # tensors, so a (n, w) block is only ever e = exp(z - m_b), kept from forward or recomputed:
+        #   grad_h = G W   = g * (W[y] - P W),                 P W       = sum_b diag(c_b) (E_b W_b)
+        #   grad_W = G^T h = scatter_add(y, g * h) - P^T (g * h),  P_b^T (g h) = E_b^T (c_b g h)
         for k, (a, b) in enumerate(vocab_blocks(V, cols) if n > 0 else []):
             w = b - a
-            if k < n_keep:
-                z, kept[k] = kept[k], None                                   # (n, w) z kept from forward
+            if k < len(kept):
+                E, kept[k] = kept[k], None                                   # (n, w) exp(z - m_b) kept from forward
             else:
                 if buf is None:
                     buf = torch.empty(n * min(cols, V), dtype=dtype, device=hidden.device)
                 z = torch.mm(h_t, W[a:b].T, out=buf[:n * w].view(n, w))     # (n, w) recomputed z, same bits
-            P = z.sub_(lse[:, None]).exp_()                                  # (n, w) p = exp(z - lse), in place
+                E = z.sub_(m_b[:, k:k + 1]).exp_()                           # (n, w) exp(z - m_b), the same bits
             if need_h:
-                grad_h.addmm_(P, W[a:b])                                     # += P W over this block
+                grad_h.addcmul_(E @ W[a:b], c[:, k:k + 1])                   # += diag(c_b) E_b W_b = P_b W_b
             if need_w:
-                torch.mm(P.T, neg_gh, out=grad_w[a:b])                       # (w, H) -P^T (g h)
-            del z, P                                                         # a kept block is freed here
+                torch.mm(E.T, neg_gh * c[:, k:k + 1], out=grad_w[a:b])       # (w, H) -E_b^T (c_b g h) = -P_b^T (g h)
+            del E                                                            # a kept block is freed here
         if need_h:
             grad_h.sub_(W[y]).mul_(-g[:, None])                              # g * (W[y] - P W)
         if need_w:

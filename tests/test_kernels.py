@@ -165,6 +165,38 @@ def test_torch_fused_partly_kept_matches_float64(partial_keep, temperature, chun
     check_fused(KP, torch.float32, temperature, chunk_size, seed=1)
 
 
+def test_torch_fused_kept_blocks_far_below_the_max(partial_keep):
+    """Kept blocks hold exp(z - m_b) and backward rescales by c = exp(m_b - lse), one scalar per row and block. Here
+    the kept (leading) vocabulary blocks sit ~50 below each row's max, so c ~ e^-50 (small but a normal fp32
+    number), and the labels of half the rows lie in those blocks, so their gradient is onehot - p with p ~ 0.
+    fp32 with logits up to ~|70|: rounding of z itself is ~70 * 2^-24 ~ 4e-6, so logp gets 1e-4 absolute and the
+    gradients the usual 1e-5 relative to their largest entry."""
+    N, H, V, chunk = 12, 16, 256, 4
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)
+    n = N - 2                                                                   # make_case-style: 2 rows ignored
+    cols = KP.vocab_block_cols(n, V, 4, chunk_size=chunk)
+    n_keep = KP.kept_blocks(n, V, 4, cols)
+    assert 0 < n_keep < len(KP.vocab_blocks(V, cols))
+    hidden[:, -1] = 1.0                                                         # a constant feature ...
+    weight[:, -1] = 0.0
+    weight[n_keep * cols:, -1] = 50.0                                           # ... lifts the recomputed blocks by 50
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::2] = torch.randint(0, n_keep * cols, (N // 2,), generator=g)       # half the labels in kept blocks
+    labels[[3, 8]] = IGNORE
+    grad_out = torch.randn(N, generator=g)
+    z = hidden @ weight.T
+    gap = z[:, n_keep * cols:].amax(1) - z[:, :n_keep * cols].amax(1)
+    assert (gap > 30).all(), gap                                                # the case is what it claims
+    got = fused_and_grads(KP.fused_linear_logprobs, hidden, weight, labels, grad_out, 1.0, chunk_size=chunk)
+    ref = reference_fused(hidden, weight, labels, grad_out, 1.0)
+    assert (got[0].double() - ref[0]).abs().max() < 1e-4, "logp"
+    assert (got[1].double() - ref[1]).abs().max() < 1e-4, "entropy"
+    assert max_rel(got[2], ref[2]) < FP32_REL, "grad hidden"
+    assert max_rel(got[3], ref[3]) < FP32_REL, "grad weight"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_torch_logits_matches_float64(dtype, temperature):
