@@ -214,7 +214,8 @@ def test_torch_gradcheck_float64(partial_keep):
 
 def test_torch_fused_second_backward_and_no_grad(partial_keep):
     """retain_graph: the first backward uses the blocks kept from forward, a second one recomputes every block from
-    the same matmul, so both see the same p and must agree exactly; log-probs under no_grad (nothing kept) too."""
+    the same matmul, subtract and exp, so both see the same exp(z - m_b) and must agree exactly; log-probs under
+    no_grad (nothing kept) too."""
     hidden, weight, labels, grad_out = make_case(N=10, H=8, V=50, dtype=torch.float32, seed=4)
     n = int((labels != IGNORE).sum())
     cols = KP.vocab_block_cols(n, 50, 4, chunk_size=4)
