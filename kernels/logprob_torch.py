@@ -256,7 +256,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
         u_b = torch.empty(n, B if want_entropy else 0, dtype=dtype, device=hidden.device)  # (n, B) E_block[z]
         m_b = torch.empty(n, B, dtype=dtype, device=hidden.device)          # (n, B) row max per block
         buf = torch.empty(n * cols, dtype=dtype, device=hidden.device)      # z of the current block, reused
-        scratch = torch.empty(n * cols, dtype=dtype, device=hidden.device)  # exp(z - m) of a block not kept, reused
+        scratch = torch.empty(n * cols if n_keep < B else 0, dtype=dtype, device=hidden.device)  # exp(z - m) of a
+                                                                             # block not kept, reused
         kept = []
         for k, (a, b) in enumerate(blocks):
             w = b - a
