@@ -21,11 +21,12 @@ $(STAMP): requirements.txt requirements-test.txt
 
 setup: $(STAMP)
 
+# --resume: an interrupted run continues where its last checkpoint left it, a finished one is left as it is
 stage1: setup
-	$(BIN)/python grpo.py --stage 1
+	$(BIN)/python grpo.py --stage 1 --resume
 
 stage2: setup
-	$(BIN)/python grpo.py --stage 2
+	$(BIN)/python grpo.py --stage 2 --resume
 
 # The main job: stage 2 starts from the stage-1 checkpoint, so run stage 1 first.
 train: stage1 stage2

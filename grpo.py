@@ -253,7 +253,8 @@ HELP = {
     "lora_rank": "0 = full fine-tune; > 0 = LoRA adapters of this rank on every linear layer of the blocks, "
                  "and the reference is the same weights with the adapters switched off",
     "lora_alpha": "LoRA scale numerator: the update is (alpha / rank) * B @ A",
-    "resume": "continue from <out>/checkpoint: weights, optimizer, schedule, RNG and data position",
+    "resume": "continue from <out>/checkpoint: weights, optimizer, schedule, RNG and data position (starts fresh "
+              "when there is none; without --resume an --out that holds a checkpoint is an error, not overwritten)",
     "save_every": "write a checkpoint every this many steps (and at the end)",
     "log_samples": "completions per step written to samples.jsonl",
     "stop_after": "stop after this many steps (saving a checkpoint) without changing the schedule of --steps; "
@@ -879,7 +880,10 @@ def main(argv=None):
     from data import load_data, stage_records
     from model import load_tokenizer
     init = resolve_init(cfg, log)
-    ckpt = find_checkpoint(out) if cfg.resume else None
+    ckpt = find_checkpoint(out)
+    if ckpt is not None and not cfg.resume:       # a finished or interrupted run is never overwritten silently
+        raise FileExistsError(f"{ckpt} holds an earlier run: pass --resume to continue it, or choose another --out "
+                              "(or delete it) to start over")
     if cfg.resume and ckpt is None:
         log(f"[resume] no checkpoint in {out}: starting from the beginning")
     # full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapters
@@ -898,6 +902,8 @@ def main(argv=None):
     records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
     log(f"[data] {cfg.data}: {len(records)} stage-{cfg.stage} records; {cfg.batch_prompts * world} prompts x "
         f"{cfg.group_size} completions per step")
+    for r in records:       # every prompt once up front: one too long for --max-prompt-tokens stops the run now,
+        training_prompt(r, tokenizer, cfg)   # not at the step that draws it (steps rebuild theirs: a few ms each)
 
     # --- state: fresh or resumed
     step, opt_step, data_pos = 0, 0, [0, 0]
@@ -998,13 +1004,13 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with bad input (a wrong path, a malformed record, an overlong prompt, mismatched models) reported in
-    one line, as argparse reports a bad flag, instead of a traceback from deep inside."""
+    """main() with bad input (a wrong path, a malformed record, an overlong prompt, mismatched models, an --out
+    that holds a run, without --resume) reported in one line, as argparse reports a bad flag, not a traceback."""
     from data import DataError
     from model import ModelError
     try:
         return main(argv)
-    except (DataError, ModelError) as e:
+    except (DataError, ModelError, FileExistsError) as e:
         print(f"grpo.py: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None                             # argparse's exit status for bad input
 

@@ -472,16 +472,24 @@ def test_ref_flag_sets_the_kl_reference(tmp_path):
 
 
 def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
-    """A wrong path or a reference with another vocabulary ends the run with one line naming it, exit status 2."""
+    """A wrong path, a reference with another vocabulary, a prompt over --max-prompt-tokens, or an --out holding a
+    run (without --resume) ends the run with one line naming it, exit status 2, before any step."""
     small = tmp_path / "small_vocab"
     tiny_model(vocab=64).save_pretrained(small)
-    cases = [(["--ref", str(tmp_path / "nope"), "--beta", "0.1"], "nope: model directory not found"),
-             (["--data", str(tmp_path / "nope.json")], "nope.json: no such file"),
-             (["--ref", str(small), "--beta", "0.1"], "its vocabulary has 64 tokens")]
-    for extra, expected in cases:
+    done = tmp_path / "done"
+    (done / "checkpoint").mkdir(parents=True)
+    tiny_model().save_pretrained(done / "checkpoint")
+    cases = [(tmp_path / "out", ["--ref", str(tmp_path / "nope"), "--beta", "0.1"], "nope: model directory not found"),
+             (tmp_path / "out", ["--data", str(tmp_path / "nope.json")], "nope.json: no such file"),
+             (tmp_path / "out", ["--ref", str(small), "--beta", "0.1"], "its vocabulary has 64 tokens"),
+             (tmp_path / "out", ["--max-prompt-tokens", "100"], "more than max_prompt_tokens=100"),
+             (done, [], "holds an earlier run: pass --resume")]
+    for out, extra, expected in cases:
         with pytest.raises(SystemExit) as exc:
-            grpo.cli(run_args(tiny_dir, tmp_path / "out", "--steps", "1", *extra))
+            grpo.cli(run_args(tiny_dir, out, "--steps", "1", *extra))
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2
         assert err[-1].startswith("grpo.py: error: ") and expected in err[-1], err
         assert not any("Traceback" in line for line in err)
+        assert not (out / "metrics.jsonl").exists()                  # stopped before the first step
+    assert grpo.find_checkpoint(done) == done / "checkpoint"        # the earlier run is still there
