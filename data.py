@@ -5,9 +5,11 @@
     synthetic_records the built-in task: fictional lakes, mountains, rivers and cities, one number per document
     load_data         "builtin" -> synthetic task, else a file (or a directory of .json / .jsonl files)
     stage_records     stage 1: answerable only; stage 2: a 50/50 mix of answerable and unanswerable
+    next_records      the training order: a seeded permutation per epoch, resumable from (epoch, index)
     build_prompt      Trust-Score prompt + one format sentence, chat template, token budget, "<think>" prefill
+    training_prompt   the one prompt of training (both stages) and of eval.py
 
-Spec: ../shared/reference/ground-grpo.md ("Task", "Data format"); prompt sizing from builtin-model-probe.md.
+The task, the data format and the prompt are described in docs/METHOD.md.
 """
 
 import json
@@ -357,20 +359,17 @@ SYNTHETIC_INSTRUCTION = (
     f"document that contains the answer, like [2]. {_REFUSE}")
 INSTRUCTIONS = {"asqa": INSTRUCTION, "eli5": INSTRUCTION, "qampari": LIST_INSTRUCTION,
                 "synthetic": SYNTHETIC_INSTRUCTION}
-# The GRPO system prompt is not published; ground-grpo.md asks for one short sentence on the format.
+# The paper does not publish its GRPO system prompt: one short sentence asks for the format.
 FORMAT_SENTENCE = ("First think inside <think> </think>, then write only the final answer with its citation inside "
                    "<answer> </answer>.")
 PREFILL = "<think>"
+STOP_STRINGS = ["</answer>"]  # the model keeps writing after its answer block: the sampler stops a row there
 
-# Worked examples (fictional, outside both synthetic splits' names): the probe found the 135M model never writes
-# the tags or cites without one. Each shows the exact tag format and a citation. The answer is short on purpose:
-# measured on 8 answerable eval questions x 4 samples (T = 0.7, 48 tokens), with the full-sentence answer "Mount
-# Ashgrove has a height of 2310 meters [2]." the untrained model copied a document's sentence and cited in 0 of
-# 32 answers; with "2310 meters [2]." it cited in 15 of 32 (strict format 0.69 vs 0.50).
-# The think names the target before the document number: teacher-forced on the untrained model, the right number
-# after "Document [" came out ~23% of the time (chance, 5 documents), after "<target> is in Document [" ~40%.
-# The evidence moves between the example's three documents from question to question (see worked_example), so
-# the citation cannot be learned as "always [2]".
+# Worked examples (fictional names, outside both synthetic splits): the untrained 135M model writes neither the
+# tags nor a citation without one. The answer is short because the model then cites instead of copying a whole
+# document sentence, and the think names the target before the document number because that makes the right number
+# likelier (both measured: docs/EXPERIMENTS.md). The evidence moves between the example's three documents from
+# question to question (worked_example), so the citation cannot be learned as "always [2]".
 EXAMPLE = dict(
     question="What is the height of Mount Ashgrove?",
     evidence=("Mount Ashgrove", "Mount Ashgrove has a height of 2310 meters."),
@@ -385,11 +384,8 @@ LIST_EXAMPLE = dict(
     answer="<think>Documents [1] and [2] name rivers that flow into Lake Quenby.</think><answer>Arle River [1], "
            "Brisk River [2]</answer>")
 
-# build_prompt(..., refusal_example=True), used by grpo.py in both stages and by eval.py. Measured at T = 0.7 on
-# the untrained model: without it 0 of 40 samples on unanswerable questions refused; with it and the current
-# worked example (16 answerable and 16 unanswerable eval questions x 4 samples) 41% of answerable and 31% of
-# unanswerable samples refused, strict format 45%, right answer 2% (without it, step 0 of a stage-1 run, 32
-# samples: format 50%, right 9%, no refusals).
+# The refusal example (training_prompt shows it in both stages and in eval.py): without it the untrained model
+# never writes the refusal sentence, so the refusal reward would have nothing to reinforce.
 REFUSAL_EXAMPLE = dict(
     question="What is the depth of Lake Varrow?",
     docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
@@ -449,7 +445,7 @@ def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worke
     ("<think>") already in it; score prefill + decoded completion. The system message is the one format sentence.
     worked_example adds a short cited example (tags and citation shown: the 135M model writes neither without
     one); refusal_example adds a second one whose answer is the refusal sentence (for stage 2: the untrained model
-    never refuses, so without it the refusal reward has nothing to reinforce). Each costs ~100-130 tokens.
+    never refuses, so without it the refusal reward has nothing to reinforce).
 
     Fits max_prompt_tokens by cutting document texts to a common token cap (longest first; titles, question,
     instruction and example are never cut). Raises DataError if even empty documents do not fit."""
@@ -481,3 +477,35 @@ def water_level(lengths: list[int], remove: int) -> int:
         if sum(max(0, n - c) for n in lengths) >= remove:
             return c
     return 0
+
+
+def training_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024) -> tuple[list[int], str]:
+    """(prompt_ids, prefill) of one record: the same prompt in both training stages and in eval.py, with the worked
+    example and the refusal example (a refusal scores like a wrong answer in stage 1, so showing it there costs
+    nothing, and stage 2 starts from a model that has seen it all along)."""
+    return build_prompt(record, tokenizer, max_prompt_tokens=max_prompt_tokens, refusal_example=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training order: a seeded permutation per epoch, so a position (epoch, index) is all a resume needs
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n))
+    g.shuffle(order)
+    return order
+
+
+def next_records(records: list[Record], pos: list[int], count: int, seed: int) -> tuple[list[Record], list[int]]:
+    """Take `count` records from position pos = [epoch, index]; returns (records, new pos)."""
+    epoch, idx = pos
+    out = []
+    while len(out) < count:
+        order = epoch_order(len(records), seed, epoch)
+        take = min(count - len(out), len(records) - idx)
+        out += [records[order[i]] for i in range(idx, idx + take)]
+        idx += take
+        if idx == len(records):
+            epoch, idx = epoch + 1, 0
+    return out, [epoch, idx]

@@ -11,10 +11,11 @@ Reads top to bottom:
   2. per-question scores: answer correctness, citation recall / precision
   3. trust_score(records, predictions): AR, F1_AC, F1_GR, F1_GC, TRUST (percentages)
   4. the CLI: generate, score, write predictions.jsonl / scores.json / report.md; --compare; --plot
+  5. training reports: the metrics of one sampled batch and the end-of-run summary, for grpo.py
 
-Every definition follows ../shared/reference/ground-grpo.md, section "Evaluation", which in turn follows the
-Trust-Score evaluator (declare-lab/trust-align, trust_eval/metrics.py). Two things differ from the paper's
-evaluator because its NLI model is not available offline, and every output says so:
+Every definition follows the Trust-Score evaluator (declare-lab/trust-align, trust_eval/metrics.py), as written
+out in docs/METHOD.md ("Evaluation"). Two things differ from the paper's evaluator because its NLI model is not
+available offline, and every output says so:
   - citation support is this project's rule: documents support a statement when, for every gold answer group the
     statement contains, one cited document has answers_found = 1 for that group. A statement containing no gold
     answer cannot be checked and counts as unsupported.
@@ -395,7 +396,7 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
     import torch
     from tqdm import tqdm
     import model as M
-    from data import build_prompt
+    from data import STOP_STRINGS, training_prompt
     try:
         path = M.resolve_model_path(model_name)
         tokenizer = M.load_tokenizer(path)
@@ -403,8 +404,8 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
     except (OSError, ValueError) as e:
         fail(f"--model {model_name}: {e}".splitlines()[0])
     try:
-        # the stage-2 training prompt (worked example + refusal example) for every model, so runs compare fairly
-        prompts = [build_prompt(r, tokenizer, refusal_example=True) for r in records]      # (prompt_ids, prefill) each
+        # the training prompt (worked example + refusal example) for every model, so runs compare fairly
+        prompts = [training_prompt(r, tokenizer) for r in records]      # (prompt_ids, prefill) each
     except ValueError as e:                                          # data.DataError: a prompt over the budget
         fail(str(e).splitlines()[0])
     order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))   # similar lengths: little padding
@@ -415,7 +416,7 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
             rows = order[start:start + batch_size]
             ids, mask, _ = M.generate(net, [prompts[i][0] for i in rows], group_size=1,
                                       max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=(eos,),
-                                      seed=seed, stop_strings=["</answer>"], tokenizer=tokenizer)
+                                      seed=seed, stop_strings=STOP_STRINGS, tokenizer=tokenizer)
             for r, i in enumerate(rows):                              # ids, mask: (len(rows), max_new_tokens)
                 n_tokens = int(mask[r].sum())
                 completion = tokenizer.decode(ids[r, :n_tokens].tolist(), skip_special_tokens=True)
@@ -456,7 +457,7 @@ def report_markdown(scores, examples=()):
             values = [scores[k]] + [by_source[src].get(k) for src in by_source]
             lines.append(f"| {k} | " + " | ".join(fmt(v) for v in values) + " |")
     lines += ["", "TRUST = mean(F1_AC, F1_GR, F1_GC); all scores are percentages except tag_count and "
-              "stage2_reward (reward units). Definitions: ../shared/reference/ground-grpo.md, Evaluation.", ""]
+              "stage2_reward (reward units). Definitions: docs/METHOD.md, Evaluation.", ""]
     lines += [f"Note: {note}." for note in scores.get("notes", [])]
     for ex in examples:
         lines += ["", f"## {ex['id']}: {ex['question']}", "", "```", ex["text"].strip(), "```",
@@ -561,7 +562,7 @@ def plot_metrics(metrics_path, out_png):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Trust-Score evaluation of a checkpoint (see ground-grpo.md).")
+    p = argparse.ArgumentParser(description="Trust-Score evaluation of a checkpoint (docs/METHOD.md).")
     p.add_argument("--model", default="builtin", help="HF-layout checkpoint dir, or 'builtin'")
     p.add_argument("--data", default="builtin", help="ALCE / Trust-Score JSON or JSONL file, or 'builtin'")
     p.add_argument("--n", type=int, default=None, help="evaluate the first N records")
@@ -614,6 +615,56 @@ def main(argv=None):
     for note in scores["notes"]:
         print(f"note: {note}")
     print(f"wrote {out}/predictions.jsonl, scores.json, report.md")
+
+
+# -----------------------------------------------------------------------------
+# 5. Training reports (grpo.py): the metrics of one sampled batch, the end-of-run summary
+
+
+def batch_metrics(lengths, rewards, components, truncated, answerable, G):
+    """Reward and length statistics of a global batch: lengths (R,) completion tokens, rewards (R,), components
+    {name: (R,)} from rewards.stage_reward, truncated (R,) cut at the budget, answerable (R,), groups of G rows."""
+    per_group = rewards.view(-1, G)
+    m = {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "frac_reward_zero_std": (per_group.max(1).values == per_group.min(1).values).float().mean().item(),
+        "completion_len_mean": lengths.mean().item(),
+        "completion_len_min": lengths.min().item(),
+        "completion_len_max": lengths.max().item(),
+        "clipped_share": truncated.float().mean().item(),
+    }
+    for k, v in components.items():
+        m[f"reward/{k}"] = v.mean().item()
+    if "em" in components:        # share of completions whose answer holds a gold answer ("answer right")
+        m["answer_right"] = (components["em"] > 0).float().mean().item()
+    if "refused" in components:   # what stage 2 teaches: refuse the unanswerable, answer the answerable
+        for name, rows in (("refused_answerable", answerable), ("refused_unanswerable", ~answerable)):
+            if rows.any():
+                m[name] = components["refused"][rows].mean().item()
+    return m
+
+
+def training_summary(stage, history, wall):
+    """Lines of the end-of-run table: the first and last step and the means of the first and last 5 steps."""
+    if not history:
+        return ["[done] no steps run"]
+    first, last = history[0], history[-1]
+    k = min(5, len(history))
+    mean_of = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    lines = [f"GRPO stage {stage}: {len(history)} steps logged, wall time {wall / 60:.1f} min "
+             f"({wall / max(1, len(history)):.1f} s/step)",
+             f"{'':32s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
+             f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}"]
+    # diagnostics present in every logged step (a stage-2 batch may lack one kind of question)
+    extra = [key for key in ("answer_right", "refused_answerable", "refused_unanswerable")
+             if all(key in row for row in history)]
+    keys = ["reward_mean"] + [key for key in first if key.startswith("reward/")] + extra + \
+        ["frac_reward_zero_std", "completion_len_mean", "clipped_share"]
+    for key in keys:
+        lines.append(f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
+                     f"{mean_of(history[-k:], key):12.3f}")
+    return lines
 
 
 if __name__ == "__main__":

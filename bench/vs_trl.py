@@ -1,7 +1,7 @@
 """One GRPO step of this project's trainer (grpo.py) against TRL's GRPOTrainer, on CPU, same work.
 
 Both trainers get the same model (the built-in SmolLM2-135M-Instruct, float32, from model.builtin_model_dir()), the
-same prompts in the same order (the synthetic stage-1 task, grpo.training_prompt; TRL gets that prompt as text, and we
+same prompts in the same order (the synthetic stage-1 task, data.training_prompt; TRL gets that prompt as text, and we
 check it tokenizes back to the same ids), the same reward (rewards.stage_reward on prefill + completion), the same
 G, max new tokens, temperature, top-p, beta > 0 (so both hold a frozen reference model and run it every step),
 k3 KL, clip range, learning rate (constant), AdamW betas, gradient clipping, reward scaling and loss aggregation:
@@ -166,21 +166,20 @@ def trl_config(args, out_dir, max_steps):
 
 
 def step_records(args, tokenizer):
-    """The records of every step, in the order our trainer takes them (grpo.next_records), with their prompts.
+    """The records of every step, in the order our trainer takes them (data.next_records), with their prompts.
     -> (records, prompt_ids, prefills), flat: step k uses entries [k*B:(k+1)*B]."""
-    import grpo
-    from data import load_data, stage_records
+    from data import load_data, next_records, stage_records, training_prompt
     pool = stage_records(load_data("builtin", split="train", seed=args.seed), 1, args.seed)
-    records, _ = grpo.next_records(pool, [0, 0], (args.warmup + args.steps) * args.prompts, args.seed)
-    built = [grpo.training_prompt(r, tokenizer, our_config(args)) for r in records]  # what grpo.main samples from
+    records, _ = next_records(pool, [0, 0], (args.warmup + args.steps) * args.prompts, args.seed)
+    built = [training_prompt(r, tokenizer, our_config(args).max_prompt_tokens) for r in records]  # as grpo.main
     return records, [ids for ids, _ in built], [pre for _, pre in built]
 
 
 def set_stop(args):
     """--ours-stop off: a stop string that never occurs. Our sampler still pays for checking it every token."""
-    import grpo
+    import data
     if args.ours_stop == "off":
-        grpo.STOP_STRINGS[:] = ["\x00never\x00"]
+        data.STOP_STRINGS[:] = ["\x00never\x00"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,13 +188,14 @@ def set_stop(args):
 def worker_ours(args):
     import torch
     rss_imports = rss_mb()[0]
+    import common
     import grpo
     from model import builtin_model_dir, load_tokenizer
     threads = set_threads(args)
     set_stop(args)
     path = builtin_model_dir()
     cfg = our_config(args)
-    model, reference = grpo.load_models(cfg, path, path, torch.device("cpu"))
+    model, reference = common.load_models(cfg, path, path, torch.device("cpu"))
     tokenizer = load_tokenizer(path)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = grpo.make_optimizer(params, cfg)                                       # as main()
@@ -344,14 +344,16 @@ def worker_parity(args):
 
     import torch
     import trl
+    import common
     import grpo
+    import model as model_lib
     from model import builtin_model_dir, left_pad, load_tokenizer
     set_threads(args)
     set_stop(args)
     path = builtin_model_dir()
     cfg = our_config(args)
     B, G = args.prompts, args.group_size
-    model, _ = grpo.load_models(cfg, path, path, torch.device("cpu"))
+    model, _ = common.load_models(cfg, path, path, torch.device("cpu"))
     tokenizer = load_tokenizer(path)
     records, prompt_ids, _ = step_records(args, tokenizer)
     # the inputs: completions from our sampler for the first step's prompts
@@ -366,7 +368,7 @@ def worker_parity(args):
     rows_prompt = torch.arange(B).repeat_interleave(G)
     prompts = batch["prompts"]
     with torch.no_grad():
-        logp0 = grpo.completion_logprobs(model, prompts, batch["comp_ids"], mask, rows_prompt, cfg.temperature)
+        logp0 = model_lib.completion_logprobs(model, prompts, batch["comp_ids"], mask, rows_prompt, cfg.temperature)
     # old and reference log-probs: the policy's, moved by seeded noise so that ratios leave the clip range and KL > 0
     g = torch.Generator().manual_seed(2)
     old = (logp0 + 0.25 * torch.randn(R, M, generator=g)) * mask
@@ -397,7 +399,7 @@ def worker_parity(args):
         prompt_same = all(trainer._tokenize_prompts([tokenizer.decode(p)])[0][0] == p for p in prompts)
         for agg, loss_type in AGG_TO_TRL.items():
             model.zero_grad(set_to_none=True)
-            logp = grpo.completion_logprobs(model, prompts, batch["comp_ids"], mask, rows_prompt, cfg.temperature)
+            logp = model_lib.completion_logprobs(model, prompts, batch["comp_ids"], mask, rows_prompt, cfg.temperature)
             ours, m = grpo.grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=args.beta,
                                      kl="k3", agg=agg)
             ours.backward()

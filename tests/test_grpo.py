@@ -13,7 +13,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import grpo  # noqa: E402
+import model as M  # noqa: E402
 from model import ModelConfig, Transformer, generate  # noqa: E402
 
 TIME_KEYS = {"tokens_per_s", "sample_time", "train_time", "step_time"}
@@ -54,7 +56,7 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     outs, grads = [], []
     for share in (True, False):
         model.zero_grad()
-        logp, ent = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt,
+        logp, ent = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt,
                                              0.7, share_prompt=share, return_entropy=True)
         (logp * batch["comp_mask"]).sum().backward()
         outs.append(logp.detach())
@@ -71,7 +73,7 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     wide_ids = torch.nn.functional.pad(batch["comp_ids"], (0, 5), value=2)
     wide_mask = torch.nn.functional.pad(batch["comp_mask"], (0, 5))
     with torch.no_grad():
-        wide = grpo.completion_logprobs(model, PROMPTS, wide_ids, wide_mask, rows_prompt, 0.7)
+        wide = M.completion_logprobs(model, PROMPTS, wide_ids, wide_mask, rows_prompt, 0.7)
     assert wide.shape == (9, 15) and (wide[:, 10:] == 0).all()
     assert torch.allclose(wide[:, :10], outs[0], atol=1e-6)
 
@@ -80,7 +82,7 @@ def test_pack_groups_hand_example():
     """Two prompts, three rows (lengths 3, 2, 2; rows 0 and 2 share prompt 0), packed by hand."""
     prompts = [[11, 12, 13], [21, 22]]
     comp = torch.tensor([[31, 32, 2, 0], [41, 2, 0, 0], [51, 2, 0, 0]])
-    ids, pos, mask, index = grpo.pack_groups(prompts, comp, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 0]))
+    ids, pos, mask, index = M.pack_groups(prompts, comp, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 0]))
     # the last token of each row is never an input; pack 1 is padded to the length of pack 0
     assert ids.tolist() == [[11, 12, 13, 31, 32, 51], [21, 22, 41, 0, 0, 0]]
     assert pos.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 0, 0, 0]]
@@ -110,7 +112,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         model.gradient_checkpointing = ckpt
         model.train()
         model.zero_grad()
-        lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
+        lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
         (lp * batch["comp_mask"]).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)      # recomputation repeats the same float32 ops
@@ -151,7 +153,7 @@ def test_release_freed_memory_returns_held_heap_to_the_os():
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        import torch, grpo
+        import torch, common
         def rss():
             return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
         t = torch.ones(4 * 2**20); del t        # a freed 16 MiB mmap raises glibc's mmap threshold to 16 MiB
@@ -160,7 +162,7 @@ def test_release_freed_memory_returns_held_heap_to_the_os():
         live = blocks[1::2]
         del blocks                                                 # frees the other 400
         held = rss() - base - 400
-        grpo.release_freed_memory()
+        common.release_freed_memory()
         print(held, rss() - base - 400)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -172,10 +174,10 @@ def test_release_freed_memory_returns_held_heap_to_the_os():
 def test_release_freed_memory_without_glibc_is_a_no_op(monkeypatch):
     def no_libc(name):
         raise OSError(f"{name}: not found")
-    monkeypatch.setattr(grpo, "_malloc_trim", None)
-    monkeypatch.setattr(grpo.ctypes, "CDLL", no_libc)
-    grpo.release_freed_memory()          # no error
-    assert grpo._malloc_trim is False
+    monkeypatch.setattr(common, "_malloc_trim", None)
+    monkeypatch.setattr(common.ctypes, "CDLL", no_libc)
+    common.release_freed_memory()          # no error
+    assert common._malloc_trim is False
 
 
 def test_non_finite_loss_skips_the_step():
@@ -198,7 +200,7 @@ def test_one_step_raises_positive_and_lowers_negative_completion():
 
     def seq_logp():
         with torch.no_grad():
-            lp = grpo.completion_logprobs(model, batch["prompts"], batch["comp_ids"], batch["comp_mask"],
+            lp = M.completion_logprobs(model, batch["prompts"], batch["comp_ids"], batch["comp_mask"],
                                           rows_prompt, 1.0)
         return (lp * batch["comp_mask"]).sum(1)                                          # (2,)
 
@@ -233,9 +235,9 @@ def test_lora_reference_is_base_and_only_adapters_train():
     batch, _ = toy_batch(model, PROMPTS, G=2, M=6, temperature=1.0, seed=1)
     rows_prompt = torch.tensor([r // 2 for r in range(6)])
     with torch.no_grad():
-        base_lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
+        base_lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    grpo.add_lora(model, rank=4, alpha=8)
+    M.add_lora(model, rank=4, alpha=8)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     cfg = cfg_for(group_size=2, lora_rank=4, beta=0.1, lr=1e-2)
@@ -244,11 +246,11 @@ def test_lora_reference_is_base_and_only_adapters_train():
     for _ in range(3):
         hist = grpo.policy_update(model, None, opt, batch, adv, list(range(6)), cfg, 0, 3)
     assert hist[0]["kl"] > 0                     # the policy moved away from the adapters-off reference
-    with torch.no_grad(), grpo.adapters_off(model):
-        ref_lp = grpo.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
+    with torch.no_grad(), M.adapters_off(model):
+        ref_lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
     assert torch.allclose(ref_lp, base_lp, atol=1e-6)     # adapters off == the untouched base weights
     # the merged layers hold W + scale * B A under the Hugging Face names
-    with grpo.lora_merged(model):
+    with M.lora_merged(model):
         merged = model.state_dict()
     assert set(merged) == set(base_state)
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
@@ -321,7 +323,7 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     assert full[-1]["grad_norm"] > 0                     # the run really trained
     # the checkpoint is a Hugging Face directory our loader (and transformers) can read, state loads weights_only
     assert (tmp_path / "cut" / "checkpoint" / "model.safetensors").is_file()
-    state = grpo.load_trainer_state(tmp_path / "cut" / "checkpoint")
+    state = common.load_trainer_state(tmp_path / "cut" / "checkpoint")
     assert state["step"] == 4 and state["opt_step"] == 8
     m1 = Transformer.from_pretrained(tmp_path / "full" / "checkpoint")
     m2 = Transformer.from_pretrained(tmp_path / "cut" / "checkpoint")
@@ -332,10 +334,10 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
 WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    import grpo, rewards
+    import common, grpo, rewards
     sys.path.insert(0, {tests!r})
     from test_grpo import tiny_model, toy_batch, cfg_for, PROMPTS, toy_reward
-    rank, world, _ = grpo.setup_distributed()
+    rank, world, _ = common.setup_distributed()
     # 1. the same fixed batch, split by groups over the ranks: loss and update equal the single process's.
     #    SGD, so the update is lr * gradient (Adam's first step, lr * sign(g), would magnify float noise).
     results = {{}}
@@ -405,13 +407,14 @@ def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, m
 
 
 def test_batch_metrics_hand_example():
+    import eval as eval_
     # 2 groups of G = 2: group 0 answerable (rewards 3, 1), group 1 unanswerable (rewards 2, 2 -> zero std).
     rewards = torch.tensor([3.0, 1.0, 2.0, 2.0])
     components = {"em": torch.tensor([0.5, 0.0, 0.0, 0.0]), "refused": torch.tensor([0.0, 1.0, 1.0, 0.0])}
-    batch = {"lengths_all": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+    lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
     truncated = torch.tensor([False, False, False, True])
     answerable = torch.tensor([True, True, False, False])
-    m = grpo.batch_metrics(batch, rewards, components, truncated, answerable, G=2)
+    m = eval_.batch_metrics(lengths, rewards, components, truncated, answerable, G=2)
     assert m["reward_mean"] == pytest.approx(2.0)
     assert m["reward_std"] == pytest.approx(math.sqrt(2 / 3))      # unbiased: (1 + 1 + 0 + 0) / 3
     assert m["frac_reward_zero_std"] == pytest.approx(0.5)
@@ -420,7 +423,7 @@ def test_batch_metrics_hand_example():
     assert m["answer_right"] == pytest.approx(0.25)
     assert m["refused_answerable"] == pytest.approx(0.5)             # row 1 of rows 0, 1
     assert m["refused_unanswerable"] == pytest.approx(0.5)           # row 2 of rows 2, 3
-    only_answerable = grpo.batch_metrics(batch, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2)
+    only_answerable = eval_.batch_metrics(lengths, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2)
     assert "refused_unanswerable" not in only_answerable and only_answerable["refused_answerable"] == 0.5
 
 
@@ -445,7 +448,7 @@ def test_training_prompt_is_the_eval_prompt_in_both_stages():
     r = data.synthetic_records("train", 1, seed=0)[0]
     as_in_eval, _ = data.build_prompt(r, tok, refusal_example=True)        # what eval.py builds
     for stage in ("1", "2"):
-        ids, prefill = grpo.training_prompt(r, tok, grpo.parse_args(["--stage", stage]))
+        ids, prefill = data.training_prompt(r, tok, grpo.parse_args(["--stage", stage]).max_prompt_tokens)
         assert ids == as_in_eval and prefill == "<think>"
         assert data.REFUSAL_EXAMPLE["answer"] in tok.decode(ids)
 
@@ -460,9 +463,9 @@ def test_ref_flag_sets_the_kl_reference(tmp_path):
     def first_weight(m):
         return m.model.embed_tokens.weight
 
-    policy, ref = grpo.load_models(cfg_for(beta=0.1), str(start), str(start), device)
+    policy, ref = common.load_models(cfg_for(beta=0.1), str(start), str(start), device)
     assert torch.equal(first_weight(ref), first_weight(policy))
-    policy, ref = grpo.load_models(cfg_for(beta=0.1, ref=str(other)), str(start), str(start), device)
+    policy, ref = common.load_models(cfg_for(beta=0.1, ref=str(other)), str(start), str(start), device)
     assert torch.equal(first_weight(policy), first_weight(tiny_model(seed=11)))
     assert torch.equal(first_weight(ref), first_weight(tiny_model(seed=12)))
     assert not any(p.requires_grad for p in ref.parameters())
@@ -492,4 +495,4 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
         assert err[-1].startswith("grpo.py: error: ") and expected in err[-1], err
         assert not any("Traceback" in line for line in err)
         assert not (out / "metrics.jsonl").exists()                  # stopped before the first step
-    assert grpo.find_checkpoint(done) == done / "checkpoint"        # the earlier run is still there
+    assert common.find_checkpoint(done) == done / "checkpoint"        # the earlier run is still there

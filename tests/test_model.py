@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from kernels import block_autograd as lean
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +76,7 @@ def test_logit_parity_tiny(family, tiny_dirs):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_gradient_parity_tiny(family, tiny_dirs):
-    """Our hand-written backwards (RMSNormFn, RotaryFn, SwiGLUFn) against transformers' plain autograd: the
+    """Our hand-written backwards (kernels/block_autograd.py) against transformers' plain autograd: the
     gradient of the same random projection of the logits, for every weight. Same tolerance idea as the logits:
     max |ours - theirs| < 1e-4 * max |theirs| per tensor (float32 round-off in a different order)."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).train()
@@ -92,38 +93,33 @@ def test_gradient_parity_tiny(family, tiny_dirs):
         assert diff < 1e-4 * ref.abs().max().item(), f"{name}: max abs diff {diff:.3g}"
 
 
-def plain_rms_norm(x, w, eps):
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def plain_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def plain_swiglu(g, u):
-    return g * torch.sigmoid(g) * u
-
-
 @pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu", "swiglu_down"])
 def test_memory_lean_functions_equal_plain_autograd_float64(name):
-    """Each custom Function against the plain expression under autograd, in float64 (values and gradients for a
-    random upstream gradient agree to 1e-12: the same math, only round-off at 1e-16 differs), plus gradcheck."""
+    """Each memory-lean Function (kernels/block_autograd.py) against the plain expression that model.py keeps as the
+    reference, under autograd, in float64 (values and gradients for a random upstream gradient agree to 1e-12: the
+    same math, only round-off at 1e-16 differs), plus gradcheck. The plain expressions are checked against a
+    textbook formula here too, so the reference itself cannot drift."""
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     if name == "rms_norm":
         inputs, ours, plain = (rnd(3, 5, 16), 1 + 0.1 * rnd(16)), \
-            (lambda x, w: M.RMSNormFn.apply(x, w, 1e-6)), (lambda x, w: plain_rms_norm(x, w, 1e-6))
+            (lambda x, w: lean.rms_norm(x, w, 1e-6)), (lambda x, w: M.rms_norm(x, w, 1e-6))
+        x, w = inputs
+        assert torch.allclose(plain(x, w), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(), atol=1e-12)
     elif name == "rope":
         angles = rnd(2, 5, 1, 4).repeat(1, 1, 1, 2)                                  # (B, T, 1, d)
         cos, sin = angles.cos(), angles.sin()
-        inputs, ours, plain = (rnd(2, 5, 3, 8),), (lambda x: M.RotaryFn.apply(x, cos, sin)), \
-            (lambda x: plain_rope(x, cos, sin))
+        inputs, ours, plain = (rnd(2, 5, 3, 8),), (lambda x: lean.rope(x, cos, sin)), \
+            (lambda x: M.rope(x, cos, sin))
+        x = inputs[0]   # each pair (x_i, x_{i+4}) turned by angle a_i: (x_i cos - x_{i+4} sin, x_i sin + x_{i+4} cos)
+        a, b, c, s_ = x[..., :4], x[..., 4:], cos[..., :4], sin[..., :4]
+        assert torch.allclose(plain(x), torch.cat([a * c - b * s_, a * s_ + b * c], -1), atol=1e-12)
     elif name == "swiglu":
-        inputs, ours, plain = (3 * rnd(4, 7), rnd(4, 7)), M.SwiGLUFn.apply, plain_swiglu
+        inputs, ours, plain = (3 * rnd(4, 7), rnd(4, 7)), lean.swiglu, M.swiglu
+        assert torch.allclose(plain(*inputs), inputs[0] / (1 + torch.exp(-inputs[0])) * inputs[1], atol=1e-12)
     else:                                                                            # g, u (2, 4, 7), W (5, 7)
-        inputs, ours, plain = (3 * rnd(2, 4, 7), rnd(2, 4, 7), rnd(5, 7)), M.SwiGLUDownFn.apply, \
-            (lambda g, u, w: torch.nn.functional.linear(plain_swiglu(g, u), w))
+        inputs, ours, plain = (3 * rnd(2, 4, 7), rnd(2, 4, 7), rnd(5, 7)), lean.swiglu_down, \
+            (lambda g, u, w: torch.nn.functional.linear(M.swiglu(g, u), w))
     inputs = [t.requires_grad_() for t in inputs]
     out_ours, out_plain = ours(*inputs), plain(*inputs)
     assert torch.allclose(out_ours, out_plain, rtol=0, atol=1e-12)
