@@ -421,7 +421,7 @@ def row_uniforms(seed: int, rows: int, steps: int) -> torch.Tensor:
     return u
 
 
-TOP_P_CANDIDATES = 1024  # top-p looks at the k most likely tokens first: a full-vocabulary sort costs 5x more
+TOP_P_CANDIDATES = 1024  # top-p looks at the k most likely tokens first: a full-vocabulary sort is much slower
 
 
 def nucleus(probs, top_p):

@@ -72,8 +72,8 @@ def default_chunk_rows(vocab, elem_size, n_rows, chunk_size=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-chunk row math. Each function overwrites the chunk `z` (c, V) in place, so a chunk never needs a second
-# (c, V) tensor, and uses few whole-chunk ops. (Walking a chunk in L2-sized row blocks was tried: thousands of small
-# parallel ops, each waiting for the other core on a shared 2-core machine; slower here.)
+# (c, V) tensor, and uses few whole-chunk ops: few large ops keep both cores busy (docs/EXPERIMENTS.md, 2026-11-23:
+# walking a chunk in small row blocks was slower).
 
 def log_softmax_rows_(z, labels, want_entropy):
     """z (c, V) scaled logits, overwritten by log_softmax(z). labels (c,) valid indices.
@@ -183,7 +183,7 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
 # a scalar loss.) So forward saves lse (N,), and backward needs p again: three (N, H, V) matmuls are the floor
 # (logits, P W, P^T (g h)), as for the naive path, plus one more for every logit that has to be recomputed.
 #
-# On CPU time is all matmuls (~6 s each at N=2048, V=151936 on one core; a pass over a (2048, 4096) block is ~10 ms),
+# On CPU time is all matmuls (a matmul over the vocabulary costs far more than an elementwise pass over a block),
 # so the lever is how much to recompute. The work is split along the vocabulary, not the rows: block b holds the
 # logits of all n rows for columns [a, b). Backward then writes grad_W[a:b] = P_b^T (g h) once per block (no (V, H)
 # accumulation), and a block kept from forward can be freed as soon as its grad_W rows are written. Allocations

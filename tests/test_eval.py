@@ -1,5 +1,5 @@
 """eval.py: Trust-Score metrics on small hand-built record sets, every expected number worked out by hand in the
-comments (from the definitions in ../shared/reference/ground-grpo.md, "Evaluation"), plus the CLI's error paths
+comments (from the definitions in docs/METHOD.md, "Evaluation"), plus the CLI's error paths
 and --predictions / --compare / --plot. No model is needed except in one CLI test, which uses a tiny random one."""
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""rewards.py against hand-computed values (ground-grpo.md "Rewards" and Algorithm 1).
+"""rewards.py against hand-computed values (docs/METHOD.md, "The rewards" and Algorithm 1).
 
 Every expected number below was worked out by hand from the spec; the comment next to it says how. Shorthand:
 tag = R_tag_count, fmt = R_format, em = R_EM, cit = R_citation, ref = R_refusal. A well-formed completion earns
