@@ -1,16 +1,19 @@
 """The plumbing grpo.py shares across its stages, kept out of the training loop so the loop reads as the algorithm:
 
+  0. flags       grpo.Config's fields -> argparse (as nanoGPT's configurator.py: the defaults stay in grpo.py)
   1. processes   torchrun's environment -> (rank, world, device); sums and gathers across ranks
   2. memory      hand memory the C allocator still holds back to the OS before each forward and backward
   3. weights     which weights a stage starts from; the policy and the frozen reference
   4. checkpoints the Hugging Face layout plus trainer_state.pt, written atomically; the run's log files
 """
+import argparse
 import ctypes
 import json
+import math
 import os
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, field, fields
 from pathlib import Path
 
 import torch
@@ -19,11 +22,40 @@ import torch.distributed as dist
 from model import ModelError, Transformer, add_lora, load_tokenizer, lora_merged
 
 # ----------------------------------------------------------------------------------------------------------------
+# 0. Flags: one per field of the config dataclass, its help from the field's metadata
+
+
+def flag(default, help, **argparse_options):
+    """One field of the config dataclass: its default, its --help text, and argparse options such as choices."""
+    return field(default=default, metadata=dict(help=help, **argparse_options))
+
+
+def config_parser(config_cls, stage_defaults, description):
+    """argparse for a dataclass whose fields carry metadata help=... (and argparse options such as choices). A
+    per-stage field parses to None when not given, and its help lists the default of every stage."""
+    p = argparse.ArgumentParser(description=description)
+    for f in fields(config_cls):
+        name, options = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        text = options.pop("help")
+        if options.pop("per_stage", False):
+            by_stage = ", ".join(f"{d[f.name]} in stage {s}" for s, d in stage_defaults.items())
+            p.add_argument(name, type=type(f.default), default=None, help=f"{text} (default: {by_stage})")
+        elif isinstance(f.default, bool):
+            p.add_argument(name, action="store_true", help=text)
+        else:
+            p.add_argument(name, type=type(f.default) if f.default is not None else str, default=f.default,
+                           help=text if f.default is None else f"{text} (default: {f.default})", **options)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 1. Processes: torchrun sets RANK / WORLD_SIZE; each process holds whole groups (batch_prompts prompts x G rows)
 
 
-def setup_distributed():
-    """-> (rank, world, device). gloo on CPU, nccl on GPU."""
+def setup_distributed(seed=0):
+    """-> (rank, world, device), with torch's and Python's RNG seeded. gloo on CPU, nccl on GPU."""
+    torch.manual_seed(seed)
+    random.seed(seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -54,6 +86,35 @@ def all_reduce_sum(x):
     if distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_max(x):
+    if distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+class StepMetrics:
+    """Metrics of one optimizer step over its micro-batches and ranks, by name: "...max" keys are maxima, ".../min"
+    minima, the rest token-weighted means. The keys are fixed up front, so every rank reduces the same tensors even
+    when one of them has no rows this step."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self.sign = torch.tensor([1.0 if k.endswith("max") else -1.0 if k.endswith("/min") else 0.0 for k in keys],
+                                 dtype=torch.float64)  # +1 max, -1 min (the max of the negated values), 0 mean
+        self.sums = torch.zeros(len(keys), dtype=torch.float64)
+        self.extremes = torch.full((len(keys),), -math.inf, dtype=torch.float64)
+
+    def add(self, metrics, tokens):
+        v = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64) for k in self.keys])
+        self.sums += v * float(tokens)
+        self.extremes = torch.maximum(self.extremes, self.sign * v)
+
+    def reduce(self, num_tokens) -> dict:
+        means = all_reduce_sum(self.sums) / max(num_tokens, 1.0)
+        extremes = all_reduce_max(self.extremes) * self.sign
+        return {k: (means[i] if self.sign[i] == 0 else extremes[i]).item() for i, k in enumerate(self.keys)}
 
 
 def all_gather_cat(x):
@@ -244,6 +305,28 @@ def open_run_logs(out, step, config):
         (out / name).write_text("".join(line + "\n" for line in kept[name]))
     (out / "config.json").write_text(json.dumps(dict(config, torch=torch.__version__), indent=2))
     return [json.loads(line) for line in kept["metrics.jsonl"]]
+
+
+def gather_rollout(batch):
+    """The numbers of every completion of the global batch, in rank order, as eval.batch_metrics takes them."""
+    keys = sorted(batch["components"][0])
+    parts = dict(rewards=batch["rewards"].double(), truncated=batch["truncated"].long(),
+                 answerable=batch["answerable"].long(), lengths=batch["comp_mask"].sum(1).double(),
+                 components=torch.tensor([[float(c.get(k, 0.0)) for k in keys] for c in batch["components"]],
+                                         dtype=torch.float64))
+    g = {name: all_gather_cat(x) for name, x in parts.items()}
+    return dict(rewards=g["rewards"], lengths=g["lengths"], truncated=g["truncated"].bool(),
+                answerable=g["answerable"].bool(), components=dict(zip(keys, g["components"].T)))
+
+
+def log_samples(path, step, batch, records, advantages, n, group_size):
+    """n completions of this step, spread over the groups, with their rewards, to samples.jsonl."""
+    R = len(batch["texts"])
+    rows = [r * max(1, R // max(1, n)) % R for r in range(min(n, R))]
+    append_jsonl(path, [dict(step=step, record=records[row // group_size].id,
+                             completion=batch["prefills"][row // group_size] + batch["texts"][row],
+                             reward=batch["rewards"][row].item(), advantage=advantages[row].item(),
+                             components=batch["components"][row]) for row in rows])
 
 
 def append_jsonl(path, rows):

@@ -664,6 +664,12 @@ def training_summary(stage, history, wall):
     for key in keys:
         lines.append(f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
                      f"{mean_of(history[-k:], key):12.3f}")
+    diff = "sampling/sampling_logp_difference/max"   # the sampler against the trainer: ~1e-6 in fp32, else a bug
+    if all(diff in row for row in history):
+        worst = max(history, key=lambda row: row[diff])
+        ratios = [row["sampling/importance_sampling_ratio/" + s] for row in history for s in ("min", "max")]
+        lines.append(f"sampler vs trainer log-probs: largest |difference| {worst[diff]:.2e} (step {worst['step']}), "
+                     f"importance ratios in [{min(ratios):.4f}, {max(ratios):.4f}]")
     return lines
 
 

@@ -13,31 +13,26 @@ One step of the loop in `main`, and the function that does each part:
   5. clipped surrogate minus beta * KL, averaged over the tokens of the whole step          grpo_loss
   6. backward over micro-batches, clip the gradient norm, AdamW, learning-rate schedule     policy_update, lr_at
   7. metrics and samples to the run directory, a checkpoint every --save-every steps        main, common.py
-
-Left out, on purpose:
-  - a separate inference engine (vLLM): sampling runs on the training weights, so there are no weights to sync
-  - a value model or a learned reward model: rewards are rules (rewards.py), advantages are group-relative
-  - a reference model when beta = 0 (the default, as in DAPO and Dr. GRPO); with LoRA it is the policy with its
-    adapters off, never a second copy
-  - resampling groups whose rewards are all equal (DAPO's dynamic sampling): they are counted
-    (frac_reward_zero_std) and, with --drop-zero-std-groups, left out of the loss
-  - entropy bonuses and length penalties: not in the method this trains (docs/METHOD.md)
+Left out, on purpose: a separate inference engine (sampling runs on the training weights: nothing to sync); a
+value or reward model (rewards are rules, advantages group-relative); a reference model when beta = 0 (the
+default, as in DAPO and Dr. GRPO; with LoRA it is the policy with adapters off); resampling groups whose rewards
+are all equal (DAPO's dynamic sampling: they are counted, and --drop-zero-std-groups leaves them out of the loss);
+entropy bonuses and length penalties other than DAPO's overlong one (not in the method, docs/METHOD.md).
 
 `grpo_loss` and `group_advantages` depend on torch only: copy them into other projects.
 """
-import argparse
 import contextlib
 import math
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import common
+from common import flag
 import rewards
 from data import STOP_STRINGS, DataError, load_data, next_records, stage_records, training_prompt
 from eval import batch_metrics, training_summary
@@ -49,7 +44,8 @@ LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: bounds ratios and KL so a wild token ca
 # The loss (torch only)
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3",
-              agg="token-mean", num_tokens=None, num_seqs=None):
+              agg="token-mean", num_tokens=None, num_seqs=None, is_level="token", clip_ratio_c=None,
+              sampler_logp=None, tis_cap=None):
     """Clipped GRPO surrogate with an optional KL penalty to a reference policy.
 
     logp       (B, T) log-probs of the completion tokens under the current policy (with grad)
@@ -67,6 +63,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
         default mask.sum(), i.e. this batch is the whole step. Summing the losses of the micro-batches then gives
         exactly the loss of the whole step, whatever the split into micro-batches or processes.
     num_seqs: sequences of the whole step for the two "seq-mean" aggregations (default B), for the same reason.
+    is_level: "token", or "sequence": one ratio per completion, exp(its mean log-ratio), clipped as a whole (GSPO,
+        arXiv 2507.18071; TRL importance_sampling_level="sequence")
+    clip_ratio_c: dual clip, for A < 0 the token loss is at most c * |A| (arXiv 1912.09729; verl clip_ratio_c); None off
+    sampler_logp (B, T): the sampler's own log-probs of the tokens; adds the sampler / trainer mismatch metrics
+    tis_cap: truncated importance sampling against the sampler (TRL vllm_importance_sampling_correction, verl
+        rollout_is): the policy term times min(pi_old / pi_sampler, tis_cap) (sampler_weights); None = off
     Returns (loss scalar, metrics dict of detached scalar tensors, token-means over this batch's completion tokens).
     """
     mask = mask.to(logp.dtype)
@@ -76,11 +78,21 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
 
     # ratio_t = exp(logp_t - old_logp_t), the log-ratio clamped so exp cannot overflow
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)    # (B, T)
-    ratio = torch.exp(log_ratio)                                                   # (B, T)
+    if is_level == "sequence":
+        # GSPO: s_i = exp((1 / |o_i|) sum_t log_ratio_t), one ratio for all tokens of completion i
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / torch.clamp(mask.sum(1, keepdim=True), min=1.0)
+    elif is_level != "token":
+        raise ValueError(f"grpo_loss: is_level must be token or sequence, got {is_level!r}")
+    ratio = torch.exp(log_ratio)                                                   # (B, T), or (B, 1)
     # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
     unclipped = ratio * A
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A
-    surrogate = torch.minimum(unclipped, clipped)                                  # (B, T)
+    surrogate = torch.minimum(unclipped, clipped).expand_as(logp)                  # (B, T)
+    if clip_ratio_c is not None:
+        if not clip_ratio_c > 1.0:
+            raise ValueError(f"grpo_loss: clip_ratio_c must be > 1, got {clip_ratio_c}")
+        # dual clip: for A < 0, surrogate_t = max(surrogate_t, c * A), so -surrogate_t <= c * |A|
+        surrogate = torch.where(A < 0, torch.maximum(surrogate, clip_ratio_c * A), surrogate)
 
     # KL(policy || reference) per token; d = ref_logp - logp, clamped like the ratio
     if beta != 0.0 or ref_logp is not None:
@@ -98,8 +110,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
     else:
         kl_t = torch.zeros_like(logp)
 
-    # loss_t = -(surrogate_t - beta * kl_t)
-    per_token = -(surrogate - beta * kl_t)                                         # (B, T)
+    # loss_t = -(w_t * surrogate_t - beta * kl_t), w_t the truncated sampler weight (1 without tis_cap)
+    weight, sampler_metrics = sampler_weights(old_logp, sampler_logp, mask, is_level, tis_cap)
+    per_token = -(surrogate - beta * kl_t) if tis_cap is None else -(weight * surrogate - beta * kl_t)   # (B, T)
 
     B, T = logp.shape
     if agg == "token-mean":
@@ -130,8 +143,28 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
         metrics = dict(loss=loss.detach(), policy_loss=mean(-surrogate), surrogate=mean(surrogate), kl=mean(kl_t),
                        ratio_mean=mean(ratio), clip_frac_low=mean(low), clip_frac_high=mean(high),
                        ratio_max=(ratio * mask).max() if mask.any() else torch.ones((), dtype=logp.dtype),
-                       clip_frac=mean(low + high), tokens=mask.sum())
+                       clip_frac=mean(low + high), tokens=mask.sum(), **sampler_metrics)
     return loss, metrics
+
+
+def sampler_weights(old_logp, sampler_logp, mask, is_level="token", tis_cap=None):
+    """-> (w, metrics). w = min(exp(old_logp - sampler_logp), tis_cap), detached, per token or, at is_level
+    "sequence", per completion from the sum of its log-ratios (TRL's sequence_truncate). The metrics say how far the
+    sampler's log-probs are from the trainer's: in exact arithmetic they are equal and w = 1, a correctness alarm."""
+    if sampler_logp is None:
+        if tis_cap is not None:
+            raise ValueError("grpo_loss: tis_cap needs sampler_logp")
+        return None, {}
+    with torch.no_grad():
+        diff = (old_logp - sampler_logp) * mask                                      # (B, T)
+        log_w = diff.sum(1, keepdim=True) if is_level == "sequence" else diff        # (B, 1) or (B, T)
+        w = torch.exp(torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap or math.inf)
+        on = mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)  # an empty batch reports w = 1
+        d, w_on = diff.abs()[on], w.expand_as(diff)[on]                              # (completion tokens,) each
+    return w, {"sampling/sampling_logp_difference/mean": d.mean(), "sampling/sampling_logp_difference/max": d.max(),
+               "sampling/importance_sampling_ratio/min": w_on.min(),
+               "sampling/importance_sampling_ratio/mean": w_on.mean(),
+               "sampling/importance_sampling_ratio/max": w_on.max()}
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
@@ -168,19 +201,14 @@ STAGE_DEFAULTS = {1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0
                   2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0)}  # stage 2 samples wider
 
 
-def flag(default, help, **argparse_options):
-    return field(default=default, metadata=dict(help=help, **argparse_options))
-
-
 def per_stage(name, help):   # the default comes from STAGE_DEFAULTS; a Config built in code gets stage 1's
-    return field(default=STAGE_DEFAULTS[1][name], metadata=dict(help=help, per_stage=True))
+    return flag(STAGE_DEFAULTS[1][name], help, per_stage=True)
 
 
 @dataclass
 class Config:
     # what to train, from what, on what
-    stage: int = flag(1, "1: tag, format, exact-match and citation rewards on answerable questions; 2: adds the "
-                         "refusal reward on a 50/50 answerable / unanswerable mix", choices=[1, 2])
+    stage: int = flag(1, "1: format, answer, citation rewards; 2: + refusal, half unanswerable", choices=[1, 2])
     model: str = flag("builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face model directory")
     init: str | None = flag(None, "weights to start from (default: --model; stage 2: runs/stage1's checkpoint)")
     data: str = flag("builtin", "'builtin' (the synthetic grounded-QA task) or an ALCE / Trust-Score JSON(L) file")
@@ -197,14 +225,17 @@ class Config:
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
     beta: float = flag(0.0, "weight of the KL penalty to the frozen reference (0: no reference forward at all)")
-    kl: str = flag("k3", "KL estimator: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - "
-                         "(ref - logp) - 1", choices=["k1", "k2", "k3"])
+    kl: str = flag("k3", "KL estimator (k3: exp(ref - logp) - (ref - logp) - 1)", choices=["k1", "k2", "k3"])
     ref: str | None = flag(None, "weights of the KL reference (default: the start of the stage); not with LoRA")
-    loss_agg: str = flag("token-mean", "token-mean (DAPO), seq-mean-token-mean (GRPO paper), seq-mean-token-sum-"
-                         "norm (Dr. GRPO)", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-    scale_rewards: str = flag("group", "advantages / group std (GRPO), batch std, or none (Dr. GRPO)",
-                              choices=["group", "batch", "none"])
+    loss_agg: str = flag("token-mean", "DAPO, GRPO paper, Dr. GRPO", choices=["token-mean", "seq-mean-token-mean",
+                                                                              "seq-mean-token-sum-norm"])
+    scale_rewards: str = flag("group", "advantages / std of group, batch, none (Dr. GRPO)", choices=["group", "batch", "none"])
+    is_level: str = flag("token", "the ratio per token (GRPO) or sequence (GSPO)", choices=["token", "sequence"])
+    clip_ratio_c: float = flag(0.0, "dual clip: for A < 0 the token loss is at most c * |A| (verl: 3; 0 = off)")
+    tis_cap: float = flag(0.0, "truncated importance sampling: weight by min(pi_trainer / pi_sampler, cap) (0 = off)")
     drop_zero_std_groups: bool = flag(False, "leave groups whose rewards are all equal (advantage 0) out of the loss")
+    mask_truncated: bool = flag(False, "completions cut at --max-new-tokens leave the loss")
+    overlong_buffer: int = flag(0, "DAPO's soft overlong penalty over the last L tokens of the budget (0 = off)")
     # the optimizer
     lr: float = flag(2e-5, "peak learning rate of AdamW")
     warmup_steps: int = flag(2, "optimizer steps of linear warm-up before the cosine decay")
@@ -216,8 +247,7 @@ class Config:
     # memory and precision
     dtype: str = flag("float32", "parameter dtype", choices=["float32", "bfloat16"])
     grad_checkpoint: bool = flag(False, "recompute each block in backward instead of keeping its activations")
-    lora_rank: int = flag(0, "0: full fine-tune; > 0: LoRA of this rank on the blocks' linear layers (reference: "
-                             "adapters off)")
+    lora_rank: int = flag(0, "0: full fine-tune; > 0: LoRA of this rank on the blocks' linear layers")
     lora_alpha: float = flag(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
     # the run
     seed: int = flag(0, "seed of the data order, the sampling and the LoRA init")
@@ -229,21 +259,10 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description="GRPO for grounded, cited answers: python grpo.py --stage 1, then 2.")
-    for f in fields(Config):
-        name, options = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        text = options.pop("help")
-        if options.pop("per_stage", False):   # None = not given: filled in from STAGE_DEFAULTS below
-            by_stage = ", ".join(f"{d[f.name]} in stage {s}" for s, d in STAGE_DEFAULTS.items())
-            p.add_argument(name, type=type(f.default), default=None, help=f"{text} (default: {by_stage})")
-        elif isinstance(f.default, bool):
-            p.add_argument(name, action="store_true", help=text)
-        else:
-            p.add_argument(name, type=type(f.default) if f.default is not None else str, default=f.default,
-                           help=text if f.default is None else f"{text} (default: {f.default})", **options)
+    p = common.config_parser(Config, STAGE_DEFAULTS, "GRPO for grounded, cited answers: python grpo.py --stage 1, 2")
     args = vars(p.parse_args(argv))
     stage = STAGE_DEFAULTS[args["stage"]]
-    cfg = Config(**{k: stage[k] if v is None and k in stage else v for k, v in args.items()})
+    cfg = Config(**{k: stage[k] if v is None and k in stage else v for k, v in args.items()})   # None: not given
     cfg.out = cfg.out or f"runs/stage{cfg.stage}"
     counts = ("steps", "batch_prompts", "max_new_tokens", "mu", "micro_batch", "save_every")
     for ok, message in ((cfg.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
@@ -251,7 +270,10 @@ def parse_args(argv=None) -> Config:
                         (min(getattr(cfg, k) for k in counts) >= 1, f"--{', --'.join(counts)} must be >= 1"),
                         (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune: with --lora-rank the "
                                                                 "reference is the policy with adapters off"),
-                        (cfg.ref is None or cfg.beta > 0, "--ref is the KL reference: it needs --beta > 0")):
+                        (cfg.ref is None or cfg.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
+                        (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, "--clip-ratio-c must be 0 (off) or > 1"),
+                        (cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0 = off)"),
+                        (0 <= cfg.overlong_buffer < cfg.max_new_tokens, "--overlong-buffer: 0 to max_new_tokens - 1")):
         if not ok:
             p.error(message.replace("_", "-"))
     return cfg
@@ -266,19 +288,23 @@ def sample_and_score(model, tokenizer, records, cfg, seed):
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]     # (prompt_ids, prefill)
     eos = eos_token_ids(model, tokenizer)
     model.eval()
-    comp_ids, comp_mask, _ = generate(model, [ids for ids, _ in built], group_size=G, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos,
-                                      seed=seed, stop_strings=STOP_STRINGS, tokenizer=tokenizer)
+    out = generate(model, [ids for ids, _ in built], group_size=G, max_new_tokens=cfg.max_new_tokens,
+                   temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos, seed=seed,
+                   stop_strings=STOP_STRINGS, tokenizer=tokenizer)
     model.train()
     # generate runs under inference_mode; clones are ordinary tensors that autograd may save for backward
-    comp_ids, comp_mask = comp_ids.clone(), comp_mask.clone()                      # (B*G, max_new_tokens)
+    comp_ids, comp_mask, sampler_logp = (x.clone() for x in out)                   # (B*G, max_new_tokens) each
     lengths = comp_mask.sum(1).long()                                              # (B*G,)
     texts = [tokenizer.decode(comp_ids[r, :n].tolist(), skip_special_tokens=True) for r, n in enumerate(lengths)]
     # the reward sees what the assistant wrote: the prefilled "<think>" plus the sampled completion
     scored = [rewards.stage_reward(built[r // G][1] + t, records[r // G], cfg.stage) for r, t in enumerate(texts)]
+    if cfg.overlong_buffer > 0:   # DAPO's soft overlong punishment, added to the total as its own component
+        penalties = [rewards.overlong_penalty(int(n), cfg.max_new_tokens, cfg.overlong_buffer) for n in lengths]
+        scored = [(total + p, dict(c, overlong=p)) for (total, c), p in zip(scored, penalties)]
     ended = [comp_ids[r, n - 1].item() in eos or STOP_STRINGS[0] in texts[r] for r, n in enumerate(lengths)]
     return dict(prompts=[ids for ids, _ in built], prefills=[p for _, p in built], comp_ids=comp_ids,
-                comp_mask=comp_mask, texts=texts, rewards=torch.tensor([float(total) for total, _ in scored]),
+                comp_mask=comp_mask, sampler_logp=sampler_logp, texts=texts,
+                rewards=torch.tensor([float(total) for total, _ in scored]),
                 components=[c for _, c in scored], truncated=~torch.tensor(ended),
                 answerable=torch.tensor([records[r // G].answerable for r in range(len(texts))]))
 
@@ -301,63 +327,55 @@ def make_optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay, fused=True)
 
 
-def batch_logprobs(model, batch, chunks, cfg):
-    """No-grad log-probs of all kept rows (old policy right after sampling, or the reference): (R_kept, M)."""
-    with torch.no_grad():
-        return torch.cat([completion_logprobs(model, [batch["prompts"][p] for p in pids], batch["comp_ids"][rows],
-                                              batch["comp_mask"][rows], rows_prompt, cfg.temperature)
-                          for rows, pids, rows_prompt in chunks])
-
-
-LOSS_METRICS = ("policy_loss", "surrogate", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac")
+LOSS_METRICS = ("policy_loss", "surrogate", "kl", "ratio_mean", "ratio_max", "clip_frac_low", "clip_frac_high",
+                "clip_frac", "entropy")
+SAMPLER_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",   # TRL's names
+                   "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                   "sampling/importance_sampling_ratio/max")
 
 
 def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps,
                   log=print):
-    """-> list of per-inner-iteration metric dicts. keep_rows: the rows that enter the loss (all, or those of
-    groups with non-zero reward spread under --drop-zero-std-groups)."""
+    """-> list of per-inner-iteration metric dicts. keep_rows: the rows that enter the loss (all, or fewer under
+    --drop-zero-std-groups and --mask-truncated)."""
     params = [p for p in model.parameters() if p.requires_grad]
     chunks = micro_batches(keep_rows, cfg.micro_batch, cfg.group_size)   # (rows, prompt ids, row -> prompt)
-    mask, adv = batch["comp_mask"][keep_rows], advantages[keep_rows]     # (R_kept, M), (R_kept,)
+    mask, sampler_logp = batch["comp_mask"], batch.get("sampler_logp")   # (R, M) each
     # normalizers of the whole optimizer step: all micro-batches, all ranks
-    num_tokens = common.all_reduce_sum(mask.sum().double().clone()).item()
+    num_tokens = common.all_reduce_sum(mask[keep_rows].sum().double()).item()
     num_seqs = int(common.all_reduce_sum(torch.tensor(float(len(keep_rows)), dtype=torch.float64)).item())
-    if num_seqs == 0:        # every group was dropped (all-equal rewards everywhere): nothing to learn this step
-        log(f"[info] optimizer step {opt_step}: no rows with a reward spread; update skipped")
-        return [dict({k: 0.0 for k in LOSS_METRICS}, loss=0.0, ratio_mean=1.0, entropy=0.0, grad_norm=0.0,
+    if num_seqs == 0:        # every row was left out (all-equal rewards everywhere): nothing to learn this step
+        log(f"[info] optimizer step {opt_step}: no rows left for the loss; update skipped")
+        return [dict(dict.fromkeys(LOSS_METRICS, 0.0), loss=0.0, ratio_mean=1.0, ratio_max=1.0, grad_norm=0.0,
                      lr=lr_at(opt_step, total_opt_steps, cfg), skipped=1)]
-    old_logp = batch_logprobs(model, batch, chunks, cfg) if cfg.mu > 1 and keep_rows else None
-    ref_logp = None
-    if cfg.beta > 0 and keep_rows:
-        with contextlib.nullcontext() if reference is not None else adapters_off(model):   # LoRA: adapters off
-            ref_logp = batch_logprobs(reference if reference is not None else model, batch, chunks, cfg)
-    history = []
+    old_logp, ref_logp, history = {}, {}, []      # per micro-batch: the sampling policy's and the reference's
     for it in range(cfg.mu):
         lr = lr_at(opt_step + it, total_opt_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(LOSS_METRICS) + 1, dtype=torch.float64)  # token-weighted loss metrics and entropy
+        stats = common.StepMetrics(LOSS_METRICS + (SAMPLER_METRICS if sampler_logp is not None else ()))
         loss_total = torch.zeros((), dtype=torch.float64)  # the micro-batches' losses add up to the step's loss
-        start = 0
-        for rows, pids, rows_prompt in chunks:
-            sl = slice(start, start + len(rows))
-            start += len(rows)
+        for c, (rows, pids, rows_prompt) in enumerate(chunks):
             common.release_freed_memory()   # what sampling, the no-grad passes and the last step freed: RSS = live
-            logp, ent = completion_logprobs(model, [batch["prompts"][p] for p in pids], batch["comp_ids"][rows],
-                                            batch["comp_mask"][rows], rows_prompt, cfg.temperature,
-                                            return_entropy=True)                   # (r, M) each
-            loss, m = grpo_loss(logp, None if old_logp is None else old_logp[sl],
-                                None if ref_logp is None else ref_logp[sl], adv[sl], mask[sl],
+            inputs = ([batch["prompts"][p] for p in pids], batch["comp_ids"][rows], mask[rows], rows_prompt,
+                      cfg.temperature)
+            if cfg.beta > 0 and it == 0:    # the frozen reference: a copy, or with LoRA the policy, adapters off
+                with torch.no_grad(), contextlib.nullcontext() if reference is not None else adapters_off(model):
+                    ref_logp[c] = completion_logprobs(reference if reference is not None else model, *inputs)
+            logp, ent = completion_logprobs(model, *inputs, return_entropy=True)                     # (r, M) each
+            loss, m = grpo_loss(logp, old_logp.get(c), ref_logp.get(c), advantages[rows], mask[rows],
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl,
-                                agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+                                agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, is_level=cfg.is_level,
+                                clip_ratio_c=cfg.clip_ratio_c or None, tis_cap=cfg.tis_cap or None,
+                                sampler_logp=None if sampler_logp is None else sampler_logp[rows])
+            if cfg.mu > 1 and it == 0:      # the sampling policy = these weights before any step: kept for it > 0
+                old_logp[c] = logp.detach()
             common.release_freed_memory()   # the forward's freed temporaries, before gradients are allocated
             loss.backward()
             loss_total += loss.detach().double()
-            n = m["tokens"].double()
-            sums += torch.stack([m[k].double() * n for k in LOSS_METRICS] + [(ent * mask[sl]).sum().double()])
+            stats.add(dict(m, entropy=(ent * mask[rows]).sum() / torch.clamp(m["tokens"], min=1)), m["tokens"])
         common.sync_gradients(params)
-        metrics = dict(zip(LOSS_METRICS + ("entropy",), (common.all_reduce_sum(sums) / max(num_tokens, 1.0)).tolist()))
         loss_total = common.all_reduce_sum(loss_total).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
@@ -367,7 +385,8 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
-        history.append(dict(metrics, loss=loss_total, grad_norm=grad_norm, lr=lr, skipped=int(skipped)))
+        history.append(dict(stats.reduce(num_tokens), loss=loss_total, grad_norm=grad_norm, lr=lr,
+                            skipped=int(skipped)))
     optimizer.zero_grad(set_to_none=True)
     return history
 
@@ -376,12 +395,9 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
 # main: set up, then the step loop
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    rank, world, device = common.setup_distributed()
+    cfg, t_start = parse_args(argv), time.time()
+    rank, world, device = common.setup_distributed(cfg.seed)    # and seeds torch and random alike on every rank
     log = print if rank == 0 else (lambda *a, **k: None)
-    t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     out, ckpt = Path(cfg.out), common.checkpoint_to_resume(cfg, log)   # never overwrites a run silently
     model, reference, tokenizer, init = common.load_run_models(cfg, ckpt, device, log)   # init: the stage's start
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -405,19 +421,12 @@ def main(argv=None):
         batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024 + rank)
         t_sample = time.time() - t0
         # 3. advantages over the global batch (group scaling looks within a group, batch scaling at all of it)
-        comp_keys = sorted(batch["components"][0])
-        gathered = {name: common.all_gather_cat(x) for name, x in dict(
-            rewards=batch["rewards"].double(), truncated=batch["truncated"].long(),
-            answerable=batch["answerable"].long(), lengths=batch["comp_mask"].sum(1).double(),
-            components=torch.tensor([[float(c.get(k, 0.0)) for k in comp_keys] for c in batch["components"]],
-                                    dtype=torch.float64)).items()}
-        R = len(batch["texts"])
+        gathered, R = common.gather_rollout(batch), len(batch["texts"])
         advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)[rank * R:(rank + 1) * R]  # (R,)
-        keep = list(range(R))
-        if cfg.drop_zero_std_groups:
-            per_group = batch["rewards"].view(-1, G)
-            spread = (per_group.max(1).values != per_group.min(1).values).tolist()
-            keep = [r for r in range(R) if spread[r // G]]
+        per_group = batch["rewards"].view(-1, G)
+        spread = (per_group.max(1).values != per_group.min(1).values).tolist()     # (B,) groups that teach
+        keep = [r for r in range(R) if (spread[r // G] or not cfg.drop_zero_std_groups)
+                and not (cfg.mask_truncated and batch["truncated"][r])]
         # 4-6. log-probs, loss, backward, optimizer step(s)
         t1 = time.time()
         inner = policy_update(model, reference, optimizer, batch, advantages, keep, cfg, opt_step,
@@ -425,22 +434,16 @@ def main(argv=None):
         opt_step, step = opt_step + cfg.mu, step + 1
         t_train, dt = time.time() - t1, time.time() - t0
         # 7. metrics of the global batch, loss metrics averaged over the inner iterations; samples; checkpoint
-        m = {"step": step - 1, **batch_metrics(
-            gathered["lengths"], gathered["rewards"].float(), dict(zip(comp_keys, gathered["components"].T)),
-            gathered["truncated"].bool(), gathered["answerable"].bool(), G)}
+        m = {"step": step - 1, **batch_metrics(**gathered, G=G)}
         m.update({k: sum(h[k] for h in inner) / len(inner) for k in inner[0]})
         if cfg.mu > 1:
             m["ratio_mean_last_iter"] = inner[-1]["ratio_mean"]
-        m.update(kept_rows=len(keep), tokens_per_s=gathered["lengths"].sum().item() / dt, sample_time=t_sample,
+        m.update(kept_rows=int(common.all_reduce_sum(torch.tensor(len(keep))).item()), tokens_per_s=gathered["lengths"].sum().item() / dt, sample_time=t_sample,
                  train_time=t_train, step_time=dt)
         if rank == 0:
             history.append(m)
             common.append_jsonl(out / "metrics.jsonl", [m])
-            rows = [r * max(1, R // max(1, cfg.log_samples)) % R for r in range(min(cfg.log_samples, R))]
-            common.append_jsonl(out / "samples.jsonl", [dict(
-                step=step - 1, record=local[row // G].id, completion=batch["prefills"][row // G] + batch["texts"][row],
-                reward=batch["rewards"][row].item(), advantage=advantages[row].item(),
-                components=batch["components"][row]) for row in rows])      # spread over the groups
+            common.log_samples(out / "samples.jsonl", step - 1, batch, local, advantages, cfg.log_samples, G)
         bar.set_postfix(reward=f"{m['reward_mean']:.2f}", fmt=f"{m.get('reward/format', float('nan')):.2f}",
                         step_s=f"{dt:.1f}")
         bar.update(1)

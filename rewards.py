@@ -1,7 +1,7 @@
 """Rule-based rewards for grounded, cited answers (Ground-GRPO, arXiv 2506.15522), plus one generic reward.
 
-Everything here is a plain function of strings and a data.Record; no model is involved. The spec is
-../shared/reference/ground-grpo.md ("Rewards"); where it is silent, the choice made here is stated in a comment.
+Everything here is a plain function of strings and a data.Record; no model is involved. The rules are written out
+in docs/METHOD.md ("The rewards"); where the paper is silent, the choice made here is stated in a comment.
 
 A completion is expected to look like
 
@@ -263,7 +263,7 @@ def is_refusal(answer: str | None) -> bool:
 
 
 def record_answerable(record) -> bool:
-    """Answerable = at least one document has a non-zero answers_found (ground-grpo.md)."""
+    """Answerable = at least one document has a non-zero answers_found (docs/METHOD.md)."""
     return bool(getattr(record, "answerable", False))
 
 
@@ -307,6 +307,15 @@ def stage_reward(completion: str, record, stage: int) -> tuple[float, dict]:
     c.update(answered=float(answered), refused=float(refused), rscore=rscore,
              **{k: float(v) for k, v in scores.items() if k not in ("em", "citation")})
     return total, c
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476), a reward added to the total: 0 up to max_len - buffer
+    tokens, then falling linearly to -1 at max_len (and -1 beyond): R = clip((max_len - buffer - length) / buffer,
+    -1, 0). buffer <= 0: off (0)."""
+    if buffer <= 0:
+        return 0.0
+    return max(-1.0, min(0.0, (max_len - buffer - length) / buffer))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -227,18 +227,20 @@ def worker_ours(args):
 def hook_phases_ours(grpo, optimizer, phases):
     """Phase ends inside grpo.policy_update, without changing it: its module-level helpers are wrapped, and the
     optimizer's step hooks mark the end of backward (+ clipping) and of the AdamW step."""
-    batch_logprobs, grpo_loss = grpo.batch_logprobs, grpo.grpo_loss
+    import torch
+    completion_logprobs, grpo_loss = grpo.completion_logprobs, grpo.grpo_loss
 
-    def marked_batch_logprobs(*a, **k):
-        out = batch_logprobs(*a, **k)
-        phases.mark("old/ref log-probs (no grad)")
+    def marked_completion_logprobs(*a, **k):
+        out = completion_logprobs(*a, **k)
+        if not torch.is_grad_enabled():          # the reference's (or old policy's) pass, not the policy's forward
+            phases.mark("old/ref log-probs (no grad)")
         return out
 
     def marked_grpo_loss(*a, **k):
         out = grpo_loss(*a, **k)
         phases.mark("forward + loss")
         return out
-    grpo.batch_logprobs, grpo.grpo_loss = marked_batch_logprobs, marked_grpo_loss
+    grpo.completion_logprobs, grpo.grpo_loss = marked_completion_logprobs, marked_grpo_loss
     optimizer.register_step_pre_hook(lambda *a: phases.mark("backward + grad clip"))
     optimizer.register_step_post_hook(lambda *a: phases.mark("optimizer step"))
 

@@ -387,13 +387,69 @@ def test_two_processes_match_single_process(tiny_dir, tmp_path):
         assert torch.allclose(torch.tensor(two["params"]), torch.tensor(one["params"]), atol=1e-6), agg
 
 
+def test_sampler_mismatch_metrics_every_step_and_a_perturbation_shows(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Every step logs how far the sampler's log-probs are from the trainer's recomputation: float32 round-off on
+    CPU (the same model, two code paths), and 0.3 when the sampler's log-probs are shifted by 0.3 on purpose."""
+    import rewards
+    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
+    grpo.main(run_args(tiny_dir, tmp_path / "exact", "--steps", "2"))
+    rows = read_metrics(tmp_path / "exact" / "metrics.jsonl")
+    assert all(0 <= r["sampling/sampling_logp_difference/max"] < 1e-4 for r in rows)     # fp32 round-off only
+    assert all(abs(r["sampling/importance_sampling_ratio/" + k] - 1) < 1e-4 for r in rows for k in ("min", "max"))
+    assert "sampler vs trainer log-probs: largest |difference|" in capsys.readouterr().out   # end-of-run summary
+    real_generate = grpo.generate
+
+    def shifted(*args, **kw):
+        ids, mask, logp = real_generate(*args, **kw)
+        return ids, mask, logp + 0.3 * mask
+    monkeypatch.setattr(grpo, "generate", shifted)
+    grpo.main(run_args(tiny_dir, tmp_path / "shifted", "--steps", "1", "--tis-cap", "0.9"))
+    row = read_metrics(tmp_path / "shifted" / "metrics.jsonl")[0]
+    assert row["sampling/sampling_logp_difference/mean"] == pytest.approx(0.3, abs=1e-4)
+    # trainer / sampler = exp(-0.3) = 0.741 on every token, under the 0.9 cap
+    assert row["sampling/importance_sampling_ratio/mean"] == pytest.approx(math.exp(-0.3), rel=1e-4)
+
+
+def test_mask_truncated_and_overlong_penalty(tiny_dir, tmp_path, monkeypatch):
+    """--mask-truncated: only completions that ended (EOS or </answer>) enter the loss; --overlong-buffer: each
+    completion's reward gains DAPO's penalty for its length, logged as the component 'overlong'."""
+    import rewards
+    from model import load_tokenizer
+    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
+    real_generate = grpo.generate
+
+    def some_end(*args, **kw):      # a random tiny model never samples EOS: make rows 0, 2, 4 end at token 3
+        ids, mask, logp = (x.clone() for x in real_generate(*args, **kw))
+        ids[0::2, 2], mask[0::2, 3:], logp[0::2, 3:] = kw["eos_token_ids"][0], 0.0, 0.0
+        return ids, mask, logp
+    monkeypatch.setattr(grpo, "generate", some_end)
+    grpo.main(run_args(tiny_dir, tmp_path / "masked", "--steps", "2", "--mask-truncated"))
+    for r in read_metrics(tmp_path / "masked" / "metrics.jsonl"):
+        assert r["clipped_share"] == pytest.approx(0.5)                            # rows 1, 3, 5 cut at 6 tokens
+        assert r["kept_rows"] == 3 and r["skipped"] == 0                           # of 2 prompts x 3 completions
+    monkeypatch.setattr(grpo, "generate", real_generate)
+    cfg = grpo.parse_args(run_args(tiny_dir, tmp_path / "x", "--overlong-buffer", "4", "--group-size", "4"))
+    model, tok = Transformer.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    import data
+    records = data.synthetic_records("train", 2, seed=0)
+    batch = grpo.sample_and_score(model, tok, records, cfg, seed=3)
+    lengths = batch["comp_mask"].sum(1).long().tolist()
+    for r, (n, c) in enumerate(zip(lengths, batch["components"])):
+        penalty = max(-1.0, min(0.0, (6 - 4 - n) / 4))                        # budget 6, buffer 4, by hand
+        assert c["overlong"] == pytest.approx(penalty)
+        base, _ = toy_reward(batch["prefills"][r // 4] + batch["texts"][r], records[r // 4], 1)
+        assert batch["rewards"][r].item() == pytest.approx(base + penalty, abs=1e-6)
+    assert any(c["overlong"] < 0 for c in batch["components"])                  # the penalty acted
+
+
 def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, monkeypatch):
     import rewards
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     out = tmp_path / "lora"
     hist = grpo.main(run_args(tiny_dir, out, "--steps", "2", "--lora-rank", "4", "--beta", "0.1", "--kl", "k2",
                               "--grad-checkpoint", "--drop-zero-std-groups", "--loss-agg", "seq-mean-token-sum-norm",
-                              "--scale-rewards", "batch", "--dtype", "bfloat16"))
+                              "--scale-rewards", "batch", "--dtype", "bfloat16", "--is-level", "sequence",
+                              "--clip-ratio-c", "3", "--tis-cap", "2"))
     assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"completion", "reward", "components", "advantage"} <= set(samples[0])

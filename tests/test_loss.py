@@ -18,7 +18,7 @@ CLIPS = [(0.2, 0.2), (0.2, 0.28), (0.1, 0.5)]
 
 
 def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, kl, agg):
-    """Element by element in Python floats (float64): the definitions of grpo-notes.md, nothing shared with grpo.py."""
+    """Element by element in Python floats (float64): the definitions (docs/METHOD.md), nothing shared with grpo.py."""
     B, T = len(logp), len(logp[0])
     per_seq_sum, per_seq_len = [], []
     for i in range(B):
@@ -192,6 +192,241 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(x, x, None, torch.zeros(1), x, beta=0.1)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The options added later (GSPO sequence ratios, dual clip, truncated importance sampling against the sampler, the
+# sampler / trainer mismatch metrics): an independent float64 reference, and the defaults against today's code.
+
+def reference_loss_ext(logp, old, ref, adv, mask, eps_low, eps_high, beta, kl, agg, is_level="token", clip_c=None,
+                       sampler=None, tis_cap=None):
+    """Element by element in Python floats, from the definitions: GSPO s_i = exp(mean_t log(pi / pi_old)) clipped
+    per sequence (arXiv 2507.18071); dual clip for A < 0, loss_t <= c |A| (arXiv 1912.09729, verl's clip_ratio_c);
+    truncated importance sampling w = min(pi_old / pi_sampler, C) on the policy term, per token or, at sequence
+    level, from the product of the token ratios (TRL's token_truncate / sequence_truncate)."""
+    B, T = len(logp), len(logp[0])
+    clamp = lambda x: max(-20.0, min(20.0, x))
+    per_seq_sum, per_seq_len = [], []
+    for i in range(B):
+        toks = [t for t in range(T) if mask[i][t]]
+        if is_level == "sequence":
+            seq_lr = sum(clamp(logp[i][t] - old[i][t]) for t in toks) / max(len(toks), 1)
+        if sampler is not None and is_level == "sequence":
+            seq_w = math.exp(clamp(sum(old[i][t] - sampler[i][t] for t in toks)))
+        s = 0.0
+        for t in toks:
+            ratio = math.exp(seq_lr) if is_level == "sequence" else math.exp(clamp(logp[i][t] - old[i][t]))
+            clipped_ratio = min(max(ratio, 1.0 - eps_low), 1.0 + eps_high)
+            surrogate = min(ratio * adv[i], clipped_ratio * adv[i])
+            if clip_c is not None and adv[i] < 0:
+                surrogate = max(surrogate, clip_c * adv[i])
+            if tis_cap is not None:
+                w = seq_w if is_level == "sequence" else math.exp(clamp(old[i][t] - sampler[i][t]))
+                surrogate *= min(w, tis_cap)
+            d = clamp(ref[i][t] - logp[i][t])
+            k = {"k1": -d, "k2": d * d / 2.0, "k3": math.exp(d) - d - 1.0}[kl]
+            s += -(surrogate - beta * k)
+        per_seq_sum.append(s)
+        per_seq_len.append(len(toks))
+    if agg == "token-mean":
+        return sum(per_seq_sum) / max(sum(per_seq_len), 1)
+    if agg == "seq-mean-token-mean":
+        return sum(s / max(n, 1) for s, n in zip(per_seq_sum, per_seq_len)) / B
+    return sum(per_seq_sum) / (B * T)
+
+
+def random_ext_case(seed, B=4, T=6):
+    """random_case plus a per-row shift of the old log-probs (so whole sequences leave the clip range, for GSPO) and
+    sampler log-probs scattered around the old ones."""
+    (lp, old, ref, adv, mask), t = random_case(seed, B=B, T=T)
+    g = random.Random(seed + 1)
+    old = [[x + shift for x in row] for row, shift in zip(old, (g.gauss(0, 0.4) for _ in old))]
+    sampler = [[x + g.gauss(0, 0.3) for x in row] for row in old]
+    mask = [[1 if t < max(n, 1) else 0 for t in range(T)] for n in (sum(r) for r in mask)]   # no empty row
+    t = [t[0], torch.tensor(old, dtype=torch.float64), t[2], t[3], torch.tensor(mask, dtype=torch.float64)]
+    return (lp, old, ref, adv, mask, sampler), t + [torch.tensor(sampler, dtype=torch.float64)]
+
+
+OPTIONS = {   # each new option alone, and all of them together
+    "gspo": dict(is_level="sequence"),
+    "dual_clip": dict(clip_ratio_c=1.5),
+    "tis_token": dict(tis_cap=1.2),
+    "tis_sequence": dict(is_level="sequence", tis_cap=1.5),
+    "all": dict(is_level="sequence", clip_ratio_c=2.0, tis_cap=1.3),
+    "all_token": dict(clip_ratio_c=2.0, tis_cap=1.3),
+}
+
+
+@pytest.mark.parametrize("agg,option", list(itertools.product(AGGS, OPTIONS)))
+def test_new_options_match_float64_reference_value_and_gradient(agg, option):
+    kw = OPTIONS[option]
+    for seed in range(6):
+        (lp, old, ref, adv, mask, sampler), (logp, old_t, ref_t, adv_t, mask_t, sampler_t) = random_ext_case(seed * 7)
+        beta = [0.0, 0.1][seed % 2]
+        logp = logp.clone().requires_grad_(True)
+        loss, m = grpo_loss(logp, old_t, ref_t, adv_t, mask_t, eps_low=0.2, eps_high=0.28, beta=beta, kl="k3",
+                            agg=agg, sampler_logp=sampler_t, **kw)
+        ref_kw = dict(is_level=kw.get("is_level", "token"), clip_c=kw.get("clip_ratio_c"), sampler=sampler,
+                      tis_cap=kw.get("tis_cap"))
+        expected = reference_loss_ext(lp, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)
+        assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12), (seed, agg, option)
+        # gradient: central differences of the float64 reference (h = 1e-6: truncation error ~1e-12 away from the
+        # kinks of min / clamp, which random values miss; 1e-6 absolute covers the 1e-10 round-off of the quotient)
+        loss.backward()
+        h = 1e-6
+        for i in range(len(lp)):
+            for t in range(len(lp[0])):
+                up = [row[:] for row in lp]
+                dn = [row[:] for row in lp]
+                up[i][t] += h
+                dn[i][t] -= h
+                fd = (reference_loss_ext(up, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)
+                      - reference_loss_ext(dn, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)) / (2 * h)
+                assert logp.grad[i, t].item() == pytest.approx(fd, abs=1e-6), (seed, agg, option, i, t)
+
+
+def test_options_reach_their_regimes():
+    """The random cases above exercise what they test: GSPO clips whole sequences, the dual clip binds, the TIS
+    weights are truncated. A test of an option that never acts would pass for a broken option too."""
+    (lp, old, ref, adv, mask, sampler), t = random_ext_case(3, B=16, T=8)
+    logp, old_t, ref_t, adv_t, mask_t, sampler_t = t
+    _, plain = grpo_loss(logp, old_t, None, adv_t, mask_t, eps_high=0.28)
+    _, dual = grpo_loss(logp, old_t, None, adv_t, mask_t, eps_high=0.28, clip_ratio_c=1.5)
+    assert dual["policy_loss"] < plain["policy_loss"]                 # some A < 0 token hit the c |A| bound
+    _, tis = grpo_loss(logp, old_t, None, adv_t, mask_t, sampler_logp=sampler_t, tis_cap=1.2)
+    assert tis["sampling/importance_sampling_ratio/max"].item() == pytest.approx(1.2)   # truncated at the cap
+    _, seq = grpo_loss(logp, old_t, None, adv_t, mask_t, is_level="sequence")
+    assert 0 < seq["clip_frac"] < 1                                   # some sequences clipped, not all
+
+
+def test_mismatch_metrics_hand_computed():
+    # old - sampler = [[0.1, -0.2, (masked 5.0)], [0.0, 0.3, 0.05]]; 5 completion tokens
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.2, -1.0]], dtype=torch.float64)
+    sampler = old - torch.tensor([[0.1, -0.2, 5.0], [0.0, 0.3, 0.05]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    _, m = grpo_loss(old.clone(), old, None, adv, mask, sampler_logp=sampler)
+    assert m["sampling/sampling_logp_difference/mean"].item() == pytest.approx((0.1 + 0.2 + 0 + 0.3 + 0.05) / 5)
+    assert m["sampling/sampling_logp_difference/max"].item() == pytest.approx(0.3)
+    w = [math.exp(x) for x in (0.1, -0.2, 0.0, 0.3, 0.05)]
+    assert m["sampling/importance_sampling_ratio/min"].item() == pytest.approx(min(w))
+    assert m["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(sum(w) / 5)
+    assert m["sampling/importance_sampling_ratio/max"].item() == pytest.approx(max(w))
+    _, s = grpo_loss(old.clone(), old, None, adv, mask, sampler_logp=sampler, is_level="sequence", tis_cap=1.3)
+    seq = [min(math.exp(0.1 - 0.2), 1.3), min(math.exp(0.0 + 0.3 + 0.05), 1.3)]   # rows: 0.905, capped 1.3
+    assert s["sampling/importance_sampling_ratio/min"].item() == pytest.approx(seq[0])
+    assert s["sampling/importance_sampling_ratio/max"].item() == pytest.approx(1.3)
+    assert s["sampling/importance_sampling_ratio/mean"].item() == pytest.approx((2 * seq[0] + 3 * seq[1]) / 5)
+
+
+def grpo_loss_before(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3",
+              agg="token-mean", num_tokens=None, num_seqs=None):
+    """grpo_loss as of commit 6f23b25, verbatim but for this docstring and the name."""
+    mask = mask.to(logp.dtype)
+    if old_logp is None:
+        old_logp = logp.detach()                      # mu = 1: ratio = 1 in value, but not in gradient
+    A = advantages.to(logp.dtype).unsqueeze(1)        # (B, 1), broadcast over tokens
+
+    # ratio_t = exp(logp_t - old_logp_t), the log-ratio clamped so exp cannot overflow
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)    # (B, T)
+    ratio = torch.exp(log_ratio)                                                   # (B, T)
+    # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
+    unclipped = ratio * A
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A
+    surrogate = torch.minimum(unclipped, clipped)                                  # (B, T)
+
+    # KL(policy || reference) per token; d = ref_logp - logp, clamped like the ratio
+    if beta != 0.0 or ref_logp is not None:
+        if ref_logp is None:
+            raise ValueError("grpo_loss: beta != 0 needs ref_logp")
+        d = torch.clamp(ref_logp - logp, -20.0, 20.0)       # (B, T)
+        if kl == "k1":
+            kl_t = -d                                 # k1 = logp - ref_logp (unbiased, can be negative)
+        elif kl == "k2":
+            kl_t = 0.5 * d * d                        # k2 = (logp - ref_logp)^2 / 2
+        elif kl == "k3":
+            kl_t = torch.exp(d) - d - 1.0             # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, low variance
+        else:
+            raise ValueError(f"grpo_loss: kl must be k1, k2 or k3, got {kl!r}")
+    else:
+        kl_t = torch.zeros_like(logp)
+
+    # loss_t = -(surrogate_t - beta * kl_t)
+    per_token = -(surrogate - beta * kl_t)                                         # (B, T)
+
+    B, T = logp.shape
+    if agg == "token-mean":
+        # sum_{i,t} mask * loss_t / (completion tokens of the whole step)
+        n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logp.dtype)
+        loss = (per_token * mask).sum() / torch.clamp(n, min=1.0)
+    elif agg == "seq-mean-token-mean":
+        # (1 / num_seqs) sum_i [ sum_t mask * loss_t / |o_i| ]
+        seq_len = torch.clamp(mask.sum(1), min=1.0)                                  # (B,) empty rows -> 0 loss
+        n_seq = B if num_seqs is None else num_seqs
+        loss = ((per_token * mask).sum(1) / seq_len).sum() / max(n_seq, 1)
+    elif agg == "seq-mean-token-sum-norm":
+        # (1 / (num_seqs * T)) sum_{i,t} mask * loss_t: a constant normalizer, no length bias
+        n_seq = B if num_seqs is None else num_seqs
+        loss = (per_token * mask).sum() / (max(n_seq, 1) * T)
+    else:
+        raise ValueError(f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, "
+                         f"got {agg!r}")
+
+    # Metrics: token-means over this batch's completion tokens. With mu = 1 the loss value is ~ -mean(A) ~ 0 by
+    # construction, so the surrogate, the KL and the clip fractions are logged separately.
+    with torch.no_grad():
+        n_tok = torch.clamp(mask.sum(), min=1.0)
+        mean = lambda x: (x * mask).sum() / n_tok
+        # the clip is active (gradient zero) only on the side where it binds for the sign of A
+        low = ((ratio < 1.0 - eps_low) & (A < 0)).to(logp.dtype)
+        high = ((ratio > 1.0 + eps_high) & (A > 0)).to(logp.dtype)
+        metrics = {
+            "loss": loss.detach(),
+            "policy_loss": mean(-surrogate),
+            "surrogate": mean(surrogate),
+            "kl": mean(kl_t),
+            "ratio_mean": mean(ratio),
+            "ratio_max": (ratio * mask).max() if mask.any() else torch.ones((), dtype=logp.dtype),
+            "clip_frac_low": mean(low),
+            "clip_frac_high": mean(high),
+            "clip_frac": mean(low + high),
+            "tokens": mask.sum(),
+        }
+    return loss, metrics
+
+
+
+@pytest.mark.parametrize("agg,kl", list(itertools.product(AGGS, KLS)))
+def test_defaults_bit_identical_to_before_the_options(agg, kl):
+    """With the new options off, loss, gradient and every old metric equal the code of 6f23b25 (copied above) bit
+    for bit; passing sampler_logp without tis_cap only adds the mismatch metrics."""
+    for seed in range(4):
+        _, (logp, old, ref, adv, mask) = random_case(seed + 50, B=5, T=7, dtype=torch.float32)
+        for old_in in (old, None):
+            a, b, c = (logp.clone().requires_grad_(True) for _ in range(3))
+            kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl=kl, agg=agg, num_tokens=mask.sum() + 3)
+            now, m_now = grpo_loss(a, old_in, ref, adv, mask, **kw)
+            then, m_then = grpo_loss_before(b, old_in, ref, adv, mask, **kw)
+            with_sampler, m_s = grpo_loss(c, old_in, ref, adv, mask, sampler_logp=old - 0.01, **kw)
+            now.backward(), then.backward(), with_sampler.backward()
+            assert torch.equal(now, then) and torch.equal(with_sampler, then)
+            assert torch.equal(a.grad, b.grad) and torch.equal(c.grad, b.grad)
+            for k, v in m_then.items():
+                assert torch.equal(m_now[k], v) and torch.equal(m_s[k], v), k
+            assert set(m_s) - set(m_then) == {"sampling/sampling_logp_difference/mean",
+                                              "sampling/sampling_logp_difference/max",
+                                              "sampling/importance_sampling_ratio/min",
+                                              "sampling/importance_sampling_ratio/mean",
+                                              "sampling/importance_sampling_ratio/max"}
+
+
+def test_new_options_bad_arguments_raise():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="is_level"):
+        grpo_loss(x, x, None, torch.zeros(1), x, is_level="word")
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        grpo_loss(x, x, None, torch.zeros(1), x, clip_ratio_c=0.9)
+    with pytest.raises(ValueError, match="sampler_logp"):
+        grpo_loss(x, x, None, torch.zeros(1), x, tis_cap=2.0)
 
 # ----------------------------------------------------------------------------------------------------------------
 # group_advantages

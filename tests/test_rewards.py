@@ -266,6 +266,17 @@ def test_is_refusal_threshold():
     assert not R.is_refusal("") and not R.is_refusal(None)
 
 
+def test_overlong_penalty_hand_values():
+    # DAPO's soft overlong punishment, budget 64, buffer 16: free up to 48 tokens, then -1/16 per token, -1 at 64
+    assert R.overlong_penalty(40, 64, 16) == 0.0
+    assert R.overlong_penalty(48, 64, 16) == 0.0
+    assert R.overlong_penalty(52, 64, 16) == pytest.approx(-0.25)
+    assert R.overlong_penalty(56, 64, 16) == pytest.approx(-0.5)
+    assert R.overlong_penalty(64, 64, 16) == pytest.approx(-1.0)
+    assert R.overlong_penalty(80, 64, 16) == pytest.approx(-1.0)     # beyond the budget: stays at -1
+    assert R.overlong_penalty(64, 64, 0) == 0.0                       # buffer 0: off
+
+
 def test_numeric_answer_reward():
     assert R.numeric_answer_reward("<think>6*7</think><answer>The answer is 42.</answer>", "42") == 1.0
     assert R.numeric_answer_reward("so 3 then 1,234", 1234) == 1.0  # no answer block: last number in the text
