@@ -4,10 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train stage1 stage2 test bench help
+.PHONY: setup train stage0 stage1 stage2 test bench help
 
 help:
-	@echo "make train   - stage 1 then stage 2 GRPO on the built-in model and task (python grpo.py --stage 1|2)"
+	@echo "make train   - the recipe on the built-in model and task: warm-up, then GRPO stages 1 and 2 (grpo.py --stage 0|1|2)"
 	@echo "make test    - run the test suite (sets everything up first)"
 	@echo "make bench   - run the benchmarks under bench/"
 
@@ -22,14 +22,18 @@ $(STAMP): requirements.txt requirements-test.txt
 setup: $(STAMP)
 
 # --resume: an interrupted run continues where its last checkpoint left it, a finished one is left as it is
+stage0: setup
+	$(BIN)/python grpo.py --stage 0 --resume
+
 stage1: setup
 	$(BIN)/python grpo.py --stage 1 --resume
 
 stage2: setup
 	$(BIN)/python grpo.py --stage 2 --resume
 
-# The main job: stage 2 starts from the stage-1 checkpoint, so run stage 1 first.
-train: stage1 stage2
+# The main job, the whole recipe: each stage starts from the one before (runs/stage0 -> 1 -> 2); the final model is
+# runs/stage2/checkpoint.
+train: stage0 stage1 stage2
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -175,17 +175,18 @@ def find_checkpoint(path) -> Path | None:
 
 
 def resolve_init(cfg, log=print) -> str:
-    """The weights a stage starts from: --init, else (stage 2) the stage-1 checkpoint beside --out, else --model."""
+    """The weights a stage starts from: --init, else the previous stage's checkpoint beside --out (stage 1 after
+    the warm-up, stage 2 after stage 1), else --model."""
     if cfg.init is not None:
         log(f"[init] starting from --init {cfg.init}")
         return cfg.init
-    if cfg.stage == 2:
-        stage1 = find_checkpoint(Path(cfg.out).parent / "stage1")
-        if stage1 is not None:
-            log(f"[init] stage 2 starts from the stage-1 checkpoint {stage1}")
-            return str(stage1)
-        log(f"[init] no stage-1 checkpoint under {Path(cfg.out).parent / 'stage1'}: stage 2 starts from --model "
-            f"{cfg.model}")
+    if cfg.stage > 0:
+        before = Path(cfg.out).parent / f"stage{cfg.stage - 1}"
+        found = find_checkpoint(before)
+        if found is not None:
+            log(f"[init] stage {cfg.stage} starts from the stage-{cfg.stage - 1} checkpoint {found}")
+            return str(found)
+        log(f"[init] no checkpoint under {before}: stage {cfg.stage} starts from --model {cfg.model}")
     else:
         log(f"[init] starting from --model {cfg.model}")
     return cfg.model

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rewards import REFUSAL_SENTENCE, contains_phrase, normalize_answer
+from rewards import REFUSAL_SENTENCE, contains_phrase, matched_groups, normalize_answer, split_statements
 
 
 @dataclass
@@ -309,8 +309,8 @@ def load_data(spec: str, split: str = "train", n: int | None = None, seed: int =
 
 
 def stage_records(records: list[Record], stage: int, seed: int = 0) -> list[Record]:
-    """Stage 1: the answerable records. Stage 2: equally many answerable and unanswerable records (as many as the
-    smaller side has), shuffled together. Seeded."""
+    """Stage 1: the answerable records. Stages 0 (the warm-up) and 2: equally many answerable and unanswerable
+    records (as many as the smaller side has), shuffled together. Seeded."""
     rng = random.Random(seed)
     pos = [r for r in records if r.answerable]
     neg = [r for r in records if not r.answerable]
@@ -319,15 +319,15 @@ def stage_records(records: list[Record], stage: int, seed: int = 0) -> list[Reco
             raise DataError("stage 1 needs answerable records; the data has none")
         rng.shuffle(pos)
         return pos
-    if stage == 2:
+    if stage in (0, 2):
         if not pos or not neg:
-            raise DataError(f"stage 2 needs answerable and unanswerable records; the data has {len(pos)} "
+            raise DataError(f"stage {stage} needs answerable and unanswerable records; the data has {len(pos)} "
                             f"answerable and {len(neg)} unanswerable")
         m = min(len(pos), len(neg))
         mix = rng.sample(pos, m) + rng.sample(neg, m)
         rng.shuffle(mix)
         return mix
-    raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,3 +509,56 @@ def next_records(records: list[Record], pos: list[int], count: int, seed: int) -
         if idx == len(records):
             epoch, idx = epoch + 1, 0
     return out, [epoch, idx]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gold completions for the supervised warm-up (grpo.py --stage 0): what the assistant writes after the prefilled
+# "<think>", written by rule from what the record knows about its evidence, or read from a file
+
+
+def gold_completion(record: Record) -> str:
+    """The completion a grounded model writes for this record. The think names the entity the answer is about and
+    the document about it (or says that no document is about it); the answer copies that document's sentence with
+    its citation, or is the refusal sentence. Built-in records know their evidence (meta); ALCE-style records state
+    each gold answer the documents support (answers_found) as a statement citing one document that has it."""
+    if record.source == "synthetic":
+        target, docs = record.meta["target"], record.docs
+        think = f"The question asks about {record.question.split(' of ', 1)[1].rstrip('?')}."
+        if record.meta["two_hop"]:   # the bridge document names the target: "<city> is a city on the shore of X."
+            bridge = next(i for i, d in enumerate(docs, 1) if d["text"].endswith(f" {target}."))
+            think += f" Document [{bridge}] says it is {target}."
+        if not record.answerable:
+            return f"{think} No document is about {target}.</think><answer>{REFUSAL_SENTENCE}</answer>"
+        k = record.meta["evidence"][0]
+        return (f"{think} {target} is in Document [{k}].</think>"
+                f"<answer>{docs[k - 1]['text'].rstrip('.')} [{k}].</answer>")
+    parts, stated = [], set()
+    for g, aliases in enumerate(record.answers):
+        docs = [i for i, d in enumerate(record.docs, 1) if d["answers_found"][g]]
+        if docs and g not in stated:   # a group an earlier statement already holds ("8" in "season 8") is not repeated
+            # an alias the statement splitter keeps whole ("H. H. Asquith" is cut at its periods), else the first
+            alias = next((a for a in aliases if len(split_statements(a + ".", record.is_list)) == 1), aliases[0])
+            parts.append((f"{alias.rstrip('.')} [{docs[0]}]", docs[0]))
+            stated.update(matched_groups(alias, record.answers))
+    if not parts:
+        return f"No document answers the question.</think><answer>{REFUSAL_SENTENCE}</answer>"
+    cited = [f"[{k}]" for k in sorted({k for _, k in parts})]
+    think = (f"Document {cited[0]} answers" if len(cited) == 1 else
+             f"Documents {', '.join(cited[:-1])} and {cited[-1]} answer") + " the question."
+    answer = ", ".join(p for p, _ in parts) if record.is_list else " ".join(p + "." for p, _ in parts)
+    return f"{think}</think><answer>{answer}</answer>"
+
+
+def load_gold_completions(path) -> dict[str, str]:
+    """{record id: completion} from a JSONL file of {"id": ..., "completion": ...} lines (a leading "<think>",
+    the prompt's prefill, is dropped). DataError names the file, line and field."""
+    path, out = Path(path), {}
+    for where, raw in read_raw_records(path):
+        if isinstance(raw, DataError):
+            raise raw
+        if not isinstance(raw, dict) or not isinstance(raw.get("id"), (str, int)):
+            raise DataError(f"{path}: {where}: id: missing (expected a string naming the record)")
+        if not isinstance(raw.get("completion"), str) or not raw["completion"].strip():
+            raise DataError(f"{path}: {where}: completion: missing or not a string")
+        out[str(raw["id"])] = raw["completion"].removeprefix(PREFILL)
+    return out

@@ -660,7 +660,8 @@ def training_summary(stage, history, wall):
     extra = [key for key in ("answer_right", "refused_answerable", "refused_unanswerable")
              if all(key in row for row in history)]
     keys = ["reward_mean"] + [key for key in first if key.startswith("reward/")] + extra + \
-        ["frac_reward_zero_std", "completion_len_mean", "clipped_share"]
+        ["frac_reward_zero_std", "completion_len_mean", "clipped_share"] + \
+        [key for key in ("nll", "entropy") if all(key in row for row in history)]   # the warm-up's loss: nll
     for key in keys:
         lines.append(f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
                      f"{mean_of(history[-k:], key):12.3f}")

@@ -34,7 +34,8 @@ from tqdm import tqdm
 import common
 from common import flag
 import rewards
-from data import STOP_STRINGS, DataError, load_data, next_records, stage_records, training_prompt
+from data import (STOP_STRINGS, DataError, gold_completion, load_data, load_gold_completions, next_records,
+                  stage_records, training_prompt)
 from eval import batch_metrics, training_summary
 from model import ModelError, adapters_off, completion_logprobs, eos_token_ids, generate, micro_batches
 
@@ -197,8 +198,9 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 # ----------------------------------------------------------------------------------------------------------------
 # The configuration: one field per flag, its --help beside it; the defaults that depend on --stage in one table
 
-STAGE_DEFAULTS = {1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7),
-                  2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0)}  # stage 2 samples wider
+STAGE_DEFAULTS = {0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),   # one gold each
+                  1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7, lr=2e-5),
+                  2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0, lr=2e-5)}  # samples wider
 
 
 def per_stage(name, help):   # the default comes from STAGE_DEFAULTS; a Config built in code gets stage 1's
@@ -208,10 +210,13 @@ def per_stage(name, help):   # the default comes from STAGE_DEFAULTS; a Config b
 @dataclass
 class Config:
     # what to train, from what, on what
-    stage: int = flag(1, "1: format, answer, citation rewards; 2: + refusal, half unanswerable", choices=[1, 2])
+    stage: int = flag(1, "0: supervised warm-up on gold completions; 1: GRPO, format, answer, citation rewards; "
+                         "2: + refusal (0 and 2: half the questions unanswerable)", choices=[0, 1, 2])
     model: str = flag("builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face model directory")
-    init: str | None = flag(None, "weights to start from (default: --model; stage 2: runs/stage1's checkpoint)")
+    init: str | None = flag(None, "weights to start from (default: the previous stage's checkpoint beside --out "
+                                  "when there is one, else --model)")
     data: str = flag("builtin", "'builtin' (the synthetic grounded-QA task) or an ALCE / Trust-Score JSON(L) file")
+    gold: str | None = flag(None, "stage 0: JSONL of {id, completion} to imitate (default: written by rule)")
     out: str | None = flag(None, "run directory for metrics, samples and checkpoint/ (default runs/stage{N})")
     # sampling
     steps: int = per_stage("steps", "sampling rounds; each samples, scores, then takes --mu optimizer steps")
@@ -237,7 +242,7 @@ class Config:
     mask_truncated: bool = flag(False, "completions cut at --max-new-tokens leave the loss")
     overlong_buffer: int = flag(0, "DAPO's soft overlong penalty over the last L tokens of the budget (0 = off)")
     # the optimizer
-    lr: float = flag(2e-5, "peak learning rate of AdamW")
+    lr: float = per_stage("lr", "peak learning rate of AdamW")
     warmup_steps: int = flag(2, "optimizer steps of linear warm-up before the cosine decay")
     min_lr_ratio: float = flag(0.1, "the cosine decays to lr * min_lr_ratio")
     weight_decay: float = flag(0.0, "AdamW weight decay")
@@ -266,7 +271,11 @@ def parse_args(argv=None) -> Config:
     cfg.out = cfg.out or f"runs/stage{cfg.stage}"
     counts = ("steps", "batch_prompts", "max_new_tokens", "mu", "micro_batch", "save_every")
     for ok, message in ((cfg.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
-                        (cfg.group_size >= 2, "--group-size must be >= 2 (advantages compare a prompt's completions)"),
+                        (cfg.group_size >= 2 or cfg.stage == 0, "--group-size must be >= 2 (advantages compare a "
+                                                                "prompt's completions)"),
+                        (cfg.group_size == 1 or cfg.stage > 0, "--stage 0 imitates one gold completion per prompt: "
+                                                               "--group-size 1"),
+                        (cfg.gold is None or cfg.stage == 0, "--gold is for --stage 0"),
                         (min(getattr(cfg, k) for k in counts) >= 1, f"--{', --'.join(counts)} must be >= 1"),
                         (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune: with --lora-rank the "
                                                                 "reference is the policy with adapters off"),
@@ -284,20 +293,36 @@ def parse_args(argv=None) -> Config:
 
 def sample_and_score(model, tokenizer, records, cfg, seed):
     """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]."""
-    G = cfg.group_size
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]     # (prompt_ids, prefill)
     eos = eos_token_ids(model, tokenizer)
     model.eval()
-    out = generate(model, [ids for ids, _ in built], group_size=G, max_new_tokens=cfg.max_new_tokens,
+    out = generate(model, [ids for ids, _ in built], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos, seed=seed,
                    stop_strings=STOP_STRINGS, tokenizer=tokenizer)
     model.train()
     # generate runs under inference_mode; clones are ordinary tensors that autograd may save for backward
     comp_ids, comp_mask, sampler_logp = (x.clone() for x in out)                   # (B*G, max_new_tokens) each
-    lengths = comp_mask.sum(1).long()                                              # (B*G,)
+    return score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp)
+
+
+def gold_batch(tokenizer, records, cfg, gold):
+    """Stage 0, the warm-up: one gold completion per prompt in place of G samples (gold: {record id: completion},
+    the rest written by data.gold_completion), in sample_and_score's layout."""
+    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]
+    ids = [torch.tensor(tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"])
+           for r in records]
+    comp_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)                 # (B, M)
+    comp_mask = (torch.arange(comp_ids.shape[1]) < torch.tensor([len(x) for x in ids])[:, None]).float()
+    return score(built, records, comp_ids, comp_mask, tokenizer, cfg, ())
+
+
+def score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp=None):
+    """The rewards of completions (R, M) of records (R / len(records) rows each), and the batch dict of the update."""
+    G = comp_ids.shape[0] // len(records)
+    lengths = comp_mask.sum(1).long()                                              # (R,)
     texts = [tokenizer.decode(comp_ids[r, :n].tolist(), skip_special_tokens=True) for r, n in enumerate(lengths)]
-    # the reward sees what the assistant wrote: the prefilled "<think>" plus the sampled completion
-    scored = [rewards.stage_reward(built[r // G][1] + t, records[r // G], cfg.stage) for r, t in enumerate(texts)]
+    # the reward sees what the assistant wrote: the prefilled "<think>" plus the completion (stage 0: scored as 2)
+    scored = [rewards.stage_reward(built[r // G][1] + t, records[r // G], cfg.stage or 2) for r, t in enumerate(texts)]
     if cfg.overlong_buffer > 0:   # DAPO's soft overlong punishment, added to the total as its own component
         penalties = [rewards.overlong_penalty(int(n), cfg.max_new_tokens, cfg.overlong_buffer) for n in lengths]
         scored = [(total + p, dict(c, overlong=p)) for (total, c), p in zip(scored, penalties)]
@@ -328,7 +353,7 @@ def make_optimizer(params, cfg):
 
 
 LOSS_METRICS = ("policy_loss", "surrogate", "kl", "ratio_mean", "ratio_max", "clip_frac_low", "clip_frac_high",
-                "clip_frac", "entropy")
+                "clip_frac", "entropy", "nll")
 SAMPLER_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",   # TRL's names
                    "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
                    "sampling/importance_sampling_ratio/max")
@@ -374,7 +399,9 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
             common.release_freed_memory()   # the forward's freed temporaries, before gradients are allocated
             loss.backward()
             loss_total += loss.detach().double()
-            stats.add(dict(m, entropy=(ent * mask[rows]).sum() / torch.clamp(m["tokens"], min=1)), m["tokens"])
+            n = torch.clamp(m["tokens"], min=1)   # nll: the warm-up's loss, the mean -log p of the trained tokens
+            stats.add(dict(m, entropy=(ent * mask[rows]).sum() / n, nll=-(logp.detach() * mask[rows]).sum() / n),
+                      m["tokens"])
         common.sync_gradients(params)
         loss_total = common.all_reduce_sum(loss_total).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
@@ -407,6 +434,7 @@ def main(argv=None):
         f"{cfg.group_size} completions per step")
     for r in records:
         training_prompt(r, tokenizer, cfg.max_prompt_tokens)
+    gold = load_gold_completions(cfg.gold) if cfg.gold else {}
     # the state, fresh or resumed; the run's logs keep what came before the checkpoint's step
     step, opt_step, data_pos = common.restore_trainer_state(ckpt, model, optimizer, log) if ckpt else (0, 0, [0, 0])
     history = common.open_run_logs(out, step, dict(asdict(cfg), init_resolved=init, world_size=world)) \
@@ -418,14 +446,18 @@ def main(argv=None):
         # 1-2. the global batch in the seeded order, this rank's slice of whole groups: G completions each, scored
         global_records, data_pos = next_records(records, data_pos, cfg.batch_prompts * world, cfg.seed)
         local = global_records[rank * cfg.batch_prompts:(rank + 1) * cfg.batch_prompts]
-        batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024 + rank)
+        if cfg.stage == 0:   # the warm-up: this update on one gold completion per prompt with advantage 1 (and
+            batch = gold_batch(tokenizer, local, cfg, gold)   # ratio 1, no clip) minimizes its tokens' mean NLL
+        else:
+            batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024 + rank)
         t_sample = time.time() - t0
         # 3. advantages over the global batch (group scaling looks within a group, batch scaling at all of it)
         gathered, R = common.gather_rollout(batch), len(batch["texts"])
-        advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)[rank * R:(rank + 1) * R]  # (R,)
+        advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)[rank * R:(rank + 1) * R] \
+            if cfg.stage else torch.ones(R)                                                                # (R,)
         per_group = batch["rewards"].view(-1, G)
         spread = (per_group.max(1).values != per_group.min(1).values).tolist()     # (B,) groups that teach
-        keep = [r for r in range(R) if (spread[r // G] or not cfg.drop_zero_std_groups)
+        keep = [r for r in range(R) if (spread[r // G] or not cfg.drop_zero_std_groups or cfg.stage == 0)
                 and not (cfg.mask_truncated and batch["truncated"][r])]
         # 4-6. log-probs, loss, backward, optimizer step(s)
         t1 = time.time()

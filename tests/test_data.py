@@ -370,3 +370,67 @@ def test_water_level():
     # Lengths 10, 4, 1; remove 7: cap 3 removes 7 + 1 + 0 = 8 >= 7, cap 4 removes only 6 -> 3.
     assert data.water_level([10, 4, 1], 7) == 3
     assert data.water_level([10, 4, 1], 0) == 10 and data.water_level([10, 4, 1], 99) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gold completions for the warm-up
+
+
+def test_stage_0_records_are_half_unanswerable():
+    records = data.synthetic_records("train", 200, seed=3)
+    s0 = data.stage_records(records, 0, seed=0)
+    assert 2 * sum(r.answerable for r in s0) == len(s0) > 0
+
+
+def test_rule_written_traces_earn_the_full_stage_reward():
+    """Each kind of built-in question (one- / two-hop, answerable / not): the rule's completion earns everything its
+    stage can give: stage 2 = tags 1 + format 1 + (answered 0.5 + EM 0.5 + supported citation 0.5 | rscore 1);
+    stage 1 = 3.0 on answerable questions and the format's 2.0 on the others (stage 1 does not reward refusing)."""
+    kinds = {}
+    for r in data.synthetic_records("train", 300, seed=0):
+        kinds.setdefault((r.meta["two_hop"], r.answerable), []).append(r)
+    assert set(kinds) == {(False, False), (False, True), (True, False), (True, True)}
+    for (two_hop, answerable), recs in kinds.items():
+        for r in recs[:20]:
+            completion = data.PREFILL + data.gold_completion(r)
+            total2, c = rewards.stage_reward(completion, r, 2)
+            total1, _ = rewards.stage_reward(completion, r, 1)
+            assert total2 == pytest.approx(3.5 if answerable else 3.0), (r.id, completion)
+            assert total1 == pytest.approx(3.0 if answerable else 2.0), (r.id, completion)
+            if answerable:    # the citation is the evidence document, and the think names it
+                k = r.meta["evidence"][0]
+                assert c["supported_em_statements"] == 1 and f"[{k}]." in completion
+                assert f"{r.meta['target']} is in Document [{k}]" in completion
+            if two_hop:       # the think resolves the bridge first: "Document [b] says it is <target>."
+                assert f"says it is {r.meta['target']}." in completion
+
+
+@needs_alce
+@pytest.mark.parametrize("name", ["asqa", "qampari", "eli5"])
+def test_rule_written_alce_traces(name):
+    """ALCE records: every gold group some document supports is stated once, citing a document whose
+    answers_found has it (so each earns EM and a supported citation); no supported group: the refusal."""
+    for r in data.load_records(ALCE / f"{name}_dev50.json"):
+        completion = data.PREFILL + data.gold_completion(r)
+        _, c = rewards.stage_reward(completion, r, 2)
+        assert c["format"] == 1.0
+        if not r.answerable:
+            assert c["refused"] == 1.0
+            continue
+        assert c["refused"] == 0.0 and c["em_statements"] == c["supported_em_statements"] >= 1
+        if not any(". " in a for g in r.answers for a in g):    # the splitter cuts "H. H. Asquith" at its periods
+            assert c["em_statements"] == c["statements"]         # no statement without a gold answer
+
+
+def test_gold_completions_file(tmp_path):
+    good = tmp_path / "gold.jsonl"
+    good.write_text('{"id": "a", "completion": "<think>x</think><answer>y</answer>"}\n\n{"id": 7, "completion": "z"}\n')
+    assert data.load_gold_completions(good) == {"a": "x</think><answer>y</answer>", "7": "z"}   # prefill dropped
+    for text, where, field in [('{"id": "a"}\n', "line 1", "completion"), ('{"completion": "x"}\n', "line 1", "id"),
+                               ('{"id": "a", "completion": "x"}\n{oops\n', "line 2", "invalid JSON")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(data.DataError) as e:
+            data.load_gold_completions(bad)
+        msg = str(e.value)
+        assert str(bad) in msg and where in msg and field in msg and "\n" not in msg

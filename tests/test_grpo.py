@@ -442,6 +442,68 @@ def test_mask_truncated_and_overlong_penalty(tiny_dir, tmp_path, monkeypatch):
     assert any(c["overlong"] < 0 for c in batch["components"])                  # the penalty acted
 
 
+def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
+    """Stage 0 runs the GRPO update on one gold completion per prompt with advantage 1. Its logged nll equals the
+    mean -log p of the gold tokens computed independently by transformers' own model on the full sequences (float32,
+    a different summation order: 1e-5), its update is that mean's gradient (SGD, lr 1: the weights move by -grad),
+    and one AdamW step raises the gold completions' log-probs."""
+    import data
+    from transformers import AutoModelForCausalLM
+    from model import load_tokenizer
+    tok = load_tokenizer(tiny_dir)
+    cfg = grpo.parse_args(["--stage", "0", "--max-prompt-tokens", "640", "--grad-clip", "0", "--micro-batch", "2",
+                           "--lr", "1", "--warmup-steps", "0", "--min-lr-ratio", "1"])       # policy_update sets the lr
+    records = data.stage_records(data.synthetic_records("train", 20, seed=1), 0)[:3]
+    batch = grpo.gold_batch(tok, records, cfg, {records[0].id: "my own words</think><answer>no</answer>"})
+    assert batch["texts"][0] == "my own words</think><answer>no</answer>"          # the file's completion wins
+    assert batch["texts"][1] == data.gold_completion(records[1]) and not batch["truncated"].any()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    nll_sum, n_tok = 0.0, 0
+    for r in range(3):
+        n = int(batch["comp_mask"][r].sum())
+        ids = torch.tensor([batch["prompts"][r] + batch["comp_ids"][r, :n].tolist()])
+        logp = torch.log_softmax(hf(ids).logits[0, -n - 1:-1].float(), -1)          # positions predicting the gold
+        nll_sum = nll_sum - logp.gather(1, ids[0, -n:, None]).sum()
+        n_tok += n
+    nll = nll_sum / n_tok
+    nll.backward()
+    model = Transformer.from_pretrained(tiny_dir)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    hist = grpo.policy_update(model, None, opt, batch, torch.ones(3), [0, 1, 2], cfg, 0, 1)
+    assert hist[0]["nll"] == pytest.approx(nll.item(), rel=1e-5)
+    assert hist[0]["ratio_mean"] == 1.0 and hist[0]["clip_frac"] == 0.0                # no clip at ratio 1
+    theirs = dict(hf.named_parameters())
+    pad = hf.config.pad_token_id   # transformers' nn.Embedding(padding_idx=pad) gives that row no input gradient,
+    for name, p in model.named_parameters():                  # though <|im_end|> (= pad here) is a real prompt token
+        grad, ref = before[name] - p.detach(), theirs[name].grad
+        if name == "model.embed_tokens.weight":
+            grad, ref = torch.cat([grad[:pad], grad[pad + 1:]]), torch.cat([ref[:pad], ref[pad + 1:]])
+        # float32 in a different order: 1e-4 of the largest entry (as the logit parity tests)
+        assert (grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-9, name
+    model = Transformer.from_pretrained(tiny_dir)
+    rows_prompt = torch.arange(3)
+
+    def gold_logp():
+        with torch.no_grad():
+            return (M.completion_logprobs(model, batch["prompts"], batch["comp_ids"], batch["comp_mask"],
+                                          rows_prompt, 1.0) * batch["comp_mask"]).sum(1)           # (3,)
+    start = gold_logp()
+    grpo.policy_update(model, None, torch.optim.AdamW(model.parameters()), batch, torch.ones(3), [0, 1, 2],
+                       replace(cfg, lr=1e-3), 0, 1)
+    assert (gold_logp() > start + 1e-2).all()
+
+
+def test_each_stage_starts_from_the_previous_stages_checkpoint(tmp_path):
+    (tmp_path / "stage0" / "checkpoint").mkdir(parents=True)
+    tiny_model().save_pretrained(tmp_path / "stage0" / "checkpoint")
+    one = grpo.parse_args(["--stage", "1", "--out", str(tmp_path / "stage1")])
+    two = grpo.parse_args(["--stage", "2", "--out", str(tmp_path / "stage2")])
+    assert common.resolve_init(one, log=lambda *a: None) == str(tmp_path / "stage0" / "checkpoint")
+    assert common.resolve_init(two, log=lambda *a: None) == "builtin"                   # no stage-1 checkpoint yet
+    assert common.resolve_init(grpo.parse_args(["--stage", "0"]), log=lambda *a: None) == "builtin"
+
+
 def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, monkeypatch):
     import rewards
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
@@ -484,6 +546,12 @@ def test_batch_metrics_hand_example():
 
 
 def test_stage_defaults_and_explicit_flags():
+    zero = grpo.parse_args(["--stage", "0"])
+    assert (zero.group_size, zero.temperature, zero.out) == (1, 1.0, "runs/stage0")   # one gold each, at T = 1
+    assert zero.lr > grpo.parse_args(["--stage", "1"]).lr                                # supervised: a larger lr
+    for bad in (["--stage", "0", "--group-size", "4"], ["--stage", "1", "--gold", "x.jsonl"]):
+        with pytest.raises(SystemExit):
+            grpo.parse_args(bad)
     one, two = grpo.parse_args(["--stage", "1"]), grpo.parse_args(["--stage", "2"])
     assert (one.steps, one.batch_prompts, one.group_size, one.temperature) == (40, 4, 8, 0.7)
     assert (two.steps, two.batch_prompts, two.group_size, two.temperature) == (30, 2, 16, 1.0)
