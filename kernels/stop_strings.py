@@ -40,8 +40,7 @@ class StopStrings:
 
 def stop_string_tables(texts, s, device):
     """For one stop string s (n characters) and the text p of every token: inside (V,) s in p; and per j < n, (V, n)
-    each: finish p starts with s[j:], extend p = s[j : j + len(p)] ending before s does, begin p ends with s[:j] (all
-    False at j = 0); length (V,) len(p)."""
+    each: finish p starts with s[j:], extend p = s[j : j + len(p)], begin p ends with s[:j] (all False at j = 0); length (V,) len(p)."""
     n, V = len(s), len(texts)
     pairs = {"finish": [], "extend": [], "begin": []}  # the (v, j) entries that are True
     chars = set(s)
@@ -51,7 +50,7 @@ def stop_string_tables(texts, s, device):
         for j in range(1, n):
             if p.startswith(s[j:]):
                 pairs["finish"].append((v, j))
-            if j + len(p) < n and s.startswith(p, j):
+            if s.startswith(p, j):  # when p reaches the end of s the state j + len(p) = n is not kept
                 pairs["extend"].append((v, j))
             if j <= len(p) and p.endswith(s[:j]):
                 pairs["begin"].append((v, j))

@@ -318,10 +318,11 @@ def first_stop_by_decoding(tokenizer, row, stop_strings):
 def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
     """The id-based matcher (model.StopStrings) against decoding, on the built-in tokenizer: rows of random tokens
     with "</answer>" (and a second stop string) spliced in, split across 1 to 9 tokens at random places, near misses
-    ("</ans" then something else), tokens that carry the stop string's end and more (">\n"), and rows with none.
-    Every row must stop at the first position where its decoded text first contains a stop string, or not at all."""
+    ("</ans" then something else), tokens that carry the stop string's end and more (">\n"), a stop string inside
+    one token ("ell" in " hello"), and rows with none. Every row must stop at the first position where its decoded
+    text first contains a stop string, or not at all."""
     _, _, tok = smol
-    stops = ["</answer>", "Final:"]
+    stops = ["</answer>", "Final:", "ell"]
     texts = tok.batch_decode([[v] for v in range(len(tok))], skip_special_tokens=False)
     by_text = {}
     for v, p in enumerate(texts):
@@ -335,43 +336,47 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
         return [by_text[p] if p in by_text else by_text[c] for p in parts for c in ([p] if p in by_text else p)]
 
     overhang = [v for v, p in enumerate(texts) if p.startswith(">") and len(p) > 1][:20]  # ">" and more text
-    assert overhang
+    inside = [v for v, p in enumerate(texts) if "ell" in p and not p.startswith("ell") and not p.endswith("ell")]
+    assert overhang and inside
     rows = []
-    for r in range(240):
+    for r in range(300):
         row = [rnd(len(tok)) for _ in range(3 + rnd(6))]
-        kind = r % 4
+        kind = r % 5
         if kind == 0:
             row += pieces("</answer>")
         elif kind == 1:
             row += pieces("</ans") + [rnd(len(tok))] + pieces("</answer>")[:-1] + [overhang[rnd(len(overhang))]]
         elif kind == 2:
             row += pieces("Final:") + pieces("</answer>")
+        elif kind == 3:
+            row += [inside[rnd(len(inside))]]
         row += [rnd(len(tok)) for _ in range(4)]
         rows.append(row)
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # pad never reached for the rows that stop
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (R, width), padded at the end
     matcher = M.StopStrings(tok, stops, len(tok), len(rows), "cpu")
     first = [None] * len(rows)
     for t in range(width):
         hit = matcher.step(ids[:, t])
         for r in hit.nonzero()[:, 0].tolist():
-            first[r] = t if first[r] is None else first[r]
+            if first[r] is None and t < len(rows[r]):  # padding is not part of the row
+                first[r] = t
     expected = [first_stop_by_decoding(tok, r, stops) for r in rows]
     assert first == expected
-    assert sum(e is not None for e in expected) >= 150  # the rows with a spliced stop string do stop
+    assert sum(e is not None for e in expected) >= 230  # the rows with a spliced stop string do stop
     assert sum(e is None for e in expected) >= 30  # and most of the others do not
 
 
 def test_stop_strings_through_generate_match_decoding(tiny64):
     """generate with stop strings on a tokenizer whose tokens are 1- to 3-character texts: each row's mask ends at
     the first position where decoding its sampled tokens shows a stop string (or runs to the end)."""
-    class PieceTok:  # token i decodes to one of a few short texts, so stop strings span several tokens
-        texts = ["ab", "c", "a", "bca", "b", "ca", "cab", "x"]
+    class PieceTok:  # token i decodes to one of a few short texts (one empty), so stop strings span several tokens
+        texts = ["ab", "c", "a", "bca", "b", "ca", "cab", "x", "xcc", ""]
 
         def decode(self, ids, skip_special_tokens=False):
             return "".join(self.texts[i % len(self.texts)] for i in ids)
 
-    stops = ["abca", "cc"]
+    stops = ["abca", "cc", "bcab"]
     ids, mask, _ = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[],
                               seed=2, stop_strings=stops, tokenizer=PieceTok())  # fmt: skip
     free = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[], seed=2)[0]
