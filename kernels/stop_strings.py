@@ -40,7 +40,8 @@ class StopStrings:
 
 def stop_string_tables(texts, s, device):
     """For one stop string s (n characters) and the text p of every token: inside (V,) s in p; and per j < n, (V, n)
-    each: finish p starts with s[j:], extend p = s[j : j + len(p)], begin p ends with s[:j] (all False at j = 0); length (V,) len(p)."""
+    each: finish p starts with s[j:], extend p = s[j : j + len(p)], begin p ends with s[:j] (all False at j = 0);
+    length (V,) len(p)."""
     n, V = len(s), len(texts)
     pairs = {"finish": [], "extend": [], "begin": []}  # the (v, j) entries that are True
     chars = set(s)

@@ -318,9 +318,9 @@ def first_stop_by_decoding(tokenizer, row, stop_strings):
 def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
     """The id-based matcher (model.StopStrings) against decoding, on the built-in tokenizer: rows of random tokens
     with "</answer>" (and a second stop string) spliced in, split across 1 to 9 tokens at random places, near misses
-    ("</ans" then something else), tokens that carry the stop string's end and more (">\n"), a stop string inside
-    one token ("ell" in " hello"), and rows with none. Every row must stop at the first position where its decoded
-    text first contains a stop string, or not at all."""
+    ("</ans" then something else; "</", three other letters, "wer>"), tokens that carry the stop string's end and
+    more (">\n"), a stop string inside one token ("ell" in " hello"). Every row must stop at the first position
+    where its decoded text first contains a stop string, or not at all."""
     _, _, tok = smol
     stops = ["</answer>", "Final:", "ell"]
     texts = tok.batch_decode([[v] for v in range(len(tok))], skip_special_tokens=False)
@@ -337,7 +337,8 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
 
     overhang = [v for v, p in enumerate(texts) if p.startswith(">") and len(p) > 1][:20]  # ">" and more text
     inside = [v for v, p in enumerate(texts) if "ell" in p and not p.startswith("ell") and not p.endswith("ell")]
-    assert overhang and inside
+    three = [v for v, p in enumerate(texts) if len(p) == 3 and p.isalpha() and p != "ans"][:50]  # not s[2:5]
+    assert overhang and inside and three
     rows = []
     for r in range(300):
         row = [rnd(len(tok)) for _ in range(3 + rnd(6))]
@@ -350,6 +351,8 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
             row += pieces("Final:") + pieces("</answer>")
         elif kind == 3:
             row += [inside[rnd(len(inside))]]
+        else:  # "</" + three wrong characters + "wer>": the length of "ans" but not its text, no stop
+            row += [by_text["</"], three[rnd(len(three))]] + pieces("wer>")
         row += [rnd(len(tok)) for _ in range(4)]
         rows.append(row)
     width = max(len(r) for r in rows)
