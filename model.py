@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import block_autograd as lean
+from kernels import decode
+from kernels.stop_strings import StopStrings
 from kernels import fused_linear_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -144,7 +146,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if not torch.is_grad_enabled():  # the same math; an autograd Function's call costs more than the op here
+            return rms_norm(x, self.weight, self.eps)
         return lean.rms_norm(x, self.weight, self.eps)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict names) whose few-row products without autograd on CPU, the
+    sampler's decode steps, go through kernels.decode.rows_linear."""
+
+    def forward(self, x):
+        if not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= decode.FEW_ROWS * x.shape[-1]:
+            return decode.rows_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -174,10 +188,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before rotary embeddings
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -189,16 +203,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = lean.rope(q, cos, sin), lean.rope(k, cos, sin)
+        rotate = lean.rope if torch.is_grad_enabled() else rope  # same math; without autograd, no Function call
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         # (B, nh, T, hd) views of (B, T, nh, hd) memory: SDPA then writes its output in (B, T, nh, hd) memory too,
         # so the reshape for o_proj below is a view, not a copy that backward would keep a second time
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, n_kv, S, hd): everything cached so far plus this chunk
-        # grouped-query attention: each group of n_head / n_kv query heads shares one key/value head
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head
-        )  # (B, nh, T, hd)
+        if cache is not None and T == 1 and x.device.type == "cpu":  # SDPA's CPU kernel is slow for one query
+            y = decode.single_query_attention(q, k, v, mask)  # (B, nh, 1, hd)
+        else:  # grouped-query attention: each group of n_head / n_kv query heads shares one key/value head
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head
+            )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -207,12 +224,14 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+        if not torch.is_grad_enabled():
+            return self.down_proj(F.silu(g) * u)  # lean.swiglu_down's forward math, without the Function
         if isinstance(self.down_proj, nn.Linear) and self.down_proj.bias is None:
             return lean.swiglu_down(g, u, self.down_proj.weight)  # its input h is rebuilt in backward, not kept
         return self.down_proj(lean.swiglu(g, u))  # a wrapped down_proj (LoRA): its own autograd
@@ -436,25 +455,43 @@ def nucleus(probs, top_p):
     return cand_p.masked_fill(drop, 0.0), cand_ids
 
 
+def inverse_cdf(w, u, block=1024):
+    """Per row, the first index at which the running sum of w reaches u * sum(w) (u = 0: the first w > 0), so never
+    an index with w = 0: w (B, n) >= 0, u (B,) in [0, 1) -> (B,). Two levels, the sums of blocks of w and then the
+    running sum inside the one block that holds the crossing, in float64: a running sum over the whole vocabulary
+    is a sequential loop, the slowest op of a sampling step."""
+    B, n = w.shape
+    nb = -(-n // block)
+    wb = (F.pad(w, (0, nb * block - n)) if nb * block > n else w).view(B, nb, block)  # zero weight: never picked
+    ends = wb.sum(-1).double().cumsum(-1)  # (B, nb) running sum at each block's end
+    target = (u.double() * ends[:, -1]).clamp(min=torch.finfo(torch.float64).tiny)[:, None]  # (B, 1)
+    b = torch.searchsorted(ends, target).clamp(max=nb - 1)  # (B, 1) the block where the sum reaches target
+    start = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), 0.0)  # (B, 1) the sum before that block
+    within = start + wb.gather(1, b[:, :, None].expand(B, 1, block))[:, 0].double().cumsum(-1)  # (B, block)
+    j = torch.searchsorted(within, target.minimum(within[:, -1:]))  # round-off may put target past the block's end
+    return (b * block + j)[:, 0]
+
+
 def sample_next(logits, u, temperature, top_p, top_k):
     """logits (B, V) float32, u (B,) uniforms -> next tokens (B,) and their log-prob under softmax(logits / T).
     Sampling is by inverse CDF: the first candidate whose cumulative probability exceeds u (times the kept mass,
     which renormalizes after top-k / top-p truncation)."""
+    z = logits / temperature if temperature not in (0, 1) else logits  # greedy reports log-probs at T = 1
+    m = z.amax(-1, keepdim=True)  # (B, 1)
+    e = (z - m).exp_()  # (B, V) probabilities times the partition function, the largest 1
+    log_partition = m[:, 0] + e.sum(-1).log()  # the trainer's distribution: full vocabulary, logits / T
     if temperature == 0:
         tok = logits.argmax(-1)
-        return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    z = logits / temperature
-    logp_full = F.log_softmax(z, dim=-1)  # the distribution the trainer recomputes: full vocabulary, logits / T
-    if top_k and top_k < z.shape[-1]:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        z = z.masked_fill(z < kth, float("-inf"))
-    probs = F.softmax(z, dim=-1)  # (B, V)
-    cand_p, cand_ids = nucleus(probs, top_p) if top_p < 1.0 else (probs, None)  # (B, k) or (B, V)
-    cdf = cand_p.cumsum(-1)
-    j = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-    j = torch.where(cand_p.gather(-1, j) > 0, j, cand_p.argmax(-1, keepdim=True))  # never a zero-prob token
-    tok = (j if cand_ids is None else cand_ids.gather(-1, j))[:, 0]
-    return tok, logp_full.gather(-1, tok[:, None])[:, 0]
+    else:
+        if top_k and top_k < z.shape[-1]:
+            kth = z.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+            e = e.masked_fill(z < kth, 0.0)
+        if top_p < 1.0:
+            cand_p, cand_ids = nucleus(e / e.sum(-1, keepdim=True), top_p)  # (B, k) each
+            tok = cand_ids.gather(-1, inverse_cdf(cand_p, u)[:, None])[:, 0]
+        else:
+            tok = inverse_cdf(e, u)
+    return tok, z.gather(-1, tok[:, None])[:, 0] - log_partition
 
 
 def left_pad(prompts, pad_id, device):
@@ -466,12 +503,6 @@ def left_pad(prompts, pad_id, device):
         ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, L - len(p) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def stop_string_hit(tokenizer, tokens: list, stop_strings, window: int) -> bool:
-    """Does the tail of this row's completion contain a stop string? Decoding the last `window` tokens only."""
-    tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
-    return any(s in tail for s in stop_strings)
 
 
 def eos_token_ids(model, tokenizer) -> tuple:
@@ -513,14 +544,14 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else int(eos[0].clamp(min=0))
     N, G = len(prompts), group_size
     rows = N * G
-    window = max((len(s) for s in stop_strings), default=0) + 2 if stop_strings else 0
+    stops = StopStrings(tokenizer, stop_strings, model.config.vocab_size, rows, device) if stop_strings else None
 
     # prefill: the N distinct prompts once, logits at the last position only
     ids, mask = left_pad(prompts, pad, device)  # (N, L)
     L = ids.shape[1]
     cache = KVCache(model.config, N, L + max_new_tokens, dtype, device)
     h = model(ids, attention_mask=mask, cache=cache, return_hidden=True)[:, -1]  # (N, H)
-    logits = F.linear(h, model.lm_head_weight).float()  # (N, V)
+    logits = decode.output_logits(h, model.lm_head_weight)  # (N, V) float32
 
     # copy each prompt's cache into its G rows: rows [i*G, (i+1)*G) <- prompt i
     expand = torch.arange(N, device=device).repeat_interleave(G)
@@ -537,19 +568,21 @@ def generate(
         tok, logp = sample_next(logits, u[active, t], temperature, top_p, top_k)
         out_ids[active, t], out_logp[active, t], out_mask[active, t] = tok, logp, 1.0
         done = torch.isin(tok, eos)
-        if stop_strings:
-            for j, r in enumerate(active.tolist()):
-                if not done[j] and stop_string_hit(tokenizer, out_ids[r, : t + 1].tolist(), stop_strings, window):
-                    done[j] = True
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if stops is not None:
+            done |= stops.step(tok)
+        if t == max_new_tokens - 1:
             break
-        if bool(done.any()):  # drop finished rows so later steps only compute live ones
-            keep = (~done).nonzero()[:, 0]
+        keep = (~done).nonzero()[:, 0]  # the step's one wait for the device: which rows go on
+        if len(keep) == 0:
+            break
+        if len(keep) < len(active):  # drop finished rows so later steps only compute live ones
             active, tok, attn = active[keep], tok[keep], attn[keep]
             cache.select_rows(keep)
+            if stops is not None:
+                stops.select_rows(keep)
         attn[:, L + t] = 1
         h = model(tok[:, None], attention_mask=attn[:, : L + t + 1], cache=cache, return_hidden=True)[:, -1]
-        logits = F.linear(h, model.lm_head_weight).float()  # (B_active, V)
+        logits = decode.output_logits(h, model.lm_head_weight)  # (B_active, V) float32
     return out_ids, out_mask, out_logp * out_mask
 
 

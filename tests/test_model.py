@@ -307,6 +307,144 @@ def test_stop_string_ends_row_including_its_tokens(tiny64):
     assert int(mask[0].sum()) == text0.index(stop) + len(stop)
 
 
+def first_stop_by_decoding(tokenizer, row, stop_strings):
+    """The reference: the first position t at which decoding the row's tokens 0..t shows a stop string, else None."""
+    for t in range(len(row)):
+        if any(s in tokenizer.decode(row[: t + 1], skip_special_tokens=False) for s in stop_strings):
+            return t
+    return None
+
+
+def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
+    """The id-based matcher (model.StopStrings) against decoding, on the built-in tokenizer: rows of random tokens
+    with "</answer>" (and a second stop string) spliced in, split across 1 to 9 tokens at random places, near misses
+    ("</ans" then something else; "</", three other letters, "wer>"), tokens that carry the stop string's end and
+    more (">\n"), a stop string inside one token ("ell" in " hello"). Every row must stop at the first position
+    where its decoded text first contains a stop string, or not at all."""
+    _, _, tok = smol
+    stops = ["</answer>", "Final:", "ell"]
+    texts = tok.batch_decode([[v] for v in range(len(tok))], skip_special_tokens=False)
+    by_text = {}
+    for v, p in enumerate(texts):
+        by_text.setdefault(p, v)
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda n: int(torch.randint(n, (1,), generator=g))
+
+    def pieces(s):  # s split at random places into texts that are single tokens
+        cuts = sorted({rnd(len(s) - 1) + 1 for _ in range(rnd(len(s)))})
+        parts = [s[a:b] for a, b in zip([0] + cuts, cuts + [len(s)])]
+        return [by_text[p] if p in by_text else by_text[c] for p in parts for c in ([p] if p in by_text else p)]
+
+    overhang = [v for v, p in enumerate(texts) if p.startswith(">") and len(p) > 1][:20]  # ">" and more text
+    inside = [v for v, p in enumerate(texts) if "ell" in p and not p.startswith("ell") and not p.endswith("ell")]
+    three = [v for v, p in enumerate(texts) if len(p) == 3 and p.isalpha() and p != "ans"][:50]  # not s[2:5]
+    assert overhang and inside and three
+    rows = []
+    for r in range(300):
+        row = [rnd(len(tok)) for _ in range(3 + rnd(6))]
+        kind = r % 5
+        if kind == 0:
+            row += pieces("</answer>")
+        elif kind == 1:
+            row += pieces("</ans") + [rnd(len(tok))] + pieces("</answer>")[:-1] + [overhang[rnd(len(overhang))]]
+        elif kind == 2:
+            row += pieces("Final:") + pieces("</answer>")
+        elif kind == 3:
+            row += [inside[rnd(len(inside))]]
+        else:  # "</" + three wrong characters + "wer>": the length of "ans" but not its text, no stop
+            row += [by_text["</"], three[rnd(len(three))]] + pieces("wer>")
+        row += [rnd(len(tok)) for _ in range(4)]
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (R, width), padded at the end
+    matcher = M.StopStrings(tok, stops, len(tok), len(rows), "cpu")
+    first = [None] * len(rows)
+    for t in range(width):
+        hit = matcher.step(ids[:, t])
+        for r in hit.nonzero()[:, 0].tolist():
+            if first[r] is None and t < len(rows[r]):  # padding is not part of the row
+                first[r] = t
+    expected = [first_stop_by_decoding(tok, r, stops) for r in rows]
+    assert first == expected
+    assert sum(e is not None for e in expected) >= 230  # the rows with a spliced stop string do stop
+    assert sum(e is None for e in expected) >= 30  # and most of the others do not
+
+
+def test_stop_strings_through_generate_match_decoding(tiny64):
+    """generate with stop strings on a tokenizer whose tokens are 1- to 3-character texts: each row's mask ends at
+    the first position where decoding its sampled tokens shows a stop string (or runs to the end)."""
+    class PieceTok:  # token i decodes to one of a few short texts (one empty), so stop strings span several tokens
+        texts = ["ab", "c", "a", "bca", "b", "ca", "cab", "x", "xcc", ""]
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(self.texts[i % len(self.texts)] for i in ids)
+
+    stops = ["abca", "cc", "bcab"]
+    ids, mask, _ = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[],
+                              seed=2, stop_strings=stops, tokenizer=PieceTok())  # fmt: skip
+    free = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[], seed=2)[0]
+    lengths = []
+    for r in range(ids.shape[0]):
+        t = first_stop_by_decoding(PieceTok(), free[r].tolist(), stops)
+        n = 14 if t is None else t + 1
+        assert mask[r].tolist() == [1.0] * n + [0.0] * (14 - n), r
+        assert ids[r, :n].tolist() == free[r, :n].tolist()
+        lengths.append(n)
+    assert min(lengths) < 14 and len(set(lengths)) > 2  # rows stop, at different steps
+
+
+def test_inverse_cdf_equals_full_running_sum():
+    """Two-level inverse CDF against the one-level reference (a float64 running sum over the whole row and
+    searchsorted), on rows with zeros, including u = 0 (the first index of positive weight)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.softmax(torch.randn(3000, 2500, generator=g, dtype=torch.float64) * 4, -1)
+    w[:, :7] = 0
+    w[w < 1e-6] = 0
+    u = torch.rand(3000, generator=g, dtype=torch.float64)
+    u[:5] = 0
+    ref = torch.searchsorted(w.cumsum(-1), (u * w.sum(-1))[:, None])[:, 0]
+    ref[:5] = (w[:5] > 0).long().argmax(-1)
+    for block in (64, 1000, 4096):
+        assert torch.equal(M.inverse_cdf(w, u, block=block), ref)
+        assert torch.equal(M.inverse_cdf(w.float(), u.float(), block=block), ref)
+
+
+def test_decode_kernels_equal_the_plain_calls():
+    """kernels/decode.py against the PyTorch calls they replace: rows_linear = F.linear (bias or not, any leading
+    shape), single_query_attention = SDPA with grouped-query heads and an additive mask (float64: 1e-12),
+    output_logits = F.linear (float32 round-off)."""
+    from kernels import decode
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, dtype=torch.float64: torch.randn(*shape, generator=g, dtype=dtype)
+    x, w, b = rnd(5, 1, 24), rnd(40, 24), rnd(40)
+    assert torch.allclose(decode.rows_linear(x, w, b), F.linear(x, w, b), rtol=0, atol=1e-12)
+    assert torch.allclose(decode.rows_linear(x[:, 0], w), F.linear(x[:, 0], w), rtol=0, atol=1e-12)
+    assert decode.rows_linear(x, w).is_contiguous()
+    B, nh, nkv, S, hd = 4, 6, 2, 11, 8
+    q, k, v = rnd(B, 1, nh, hd).transpose(1, 2), rnd(B, nkv, S, hd), rnd(B, nkv, S, hd)
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.float64)
+    mask[1, ..., :4] = float("-inf")  # a left-padded row
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(decode.single_query_attention(q, k, v, mask), ref, rtol=0, atol=1e-12)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.allclose(decode.single_query_attention(q, k, v), ref, rtol=0, atol=1e-12)
+    h, emb = rnd(32, 64, dtype=torch.float32), rnd(3000, 64, dtype=torch.float32)
+    ref = F.linear(h, emb)
+    got = decode.output_logits(h, emb)
+    assert got.dtype == torch.float32 and (got - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_greedy_equals_no_cache_every_family(family, tiny_dirs):
+    """The decode step (single-query attention, few-row products, biases, q/k norms, untied output layer) against
+    full forwards without a cache, greedy, in float64, for every family."""
+    model = M.Transformer.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval()
+    ids, mask, _ = M.generate(model, PROMPTS, max_new_tokens=12, temperature=0, eos_token_ids=[])
+    for r, p in enumerate(PROMPTS):
+        assert ids[r].tolist() == greedy_without_cache(model, p, 12, eos=-1)
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(tiny64):
     greedy = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=0)[0]
     k1 = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=1.3, top_k=1, seed=3)[0]
