@@ -479,11 +479,12 @@ def water_level(lengths: list[int], remove: int) -> int:
     return 0
 
 
-def training_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024) -> tuple[list[int], str]:
-    """(prompt_ids, prefill) of one record: the same prompt in both training stages and in eval.py, with the worked
-    example and the refusal example (a refusal scores like a wrong answer in stage 1, so showing it there costs
-    nothing, and stage 2 starts from a model that has seen it all along)."""
-    return build_prompt(record, tokenizer, max_prompt_tokens=max_prompt_tokens, refusal_example=True)
+def training_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024,
+                    examples: bool = False) -> tuple[list[int], str]:
+    """(prompt_ids, prefill) of one record: the same prompt in every stage and in eval.py. The warm-up teaches the
+    format, so by default the prompt holds no examples (less than half the tokens); examples=True adds the worked
+    and the refusal example, which a model that skipped the warm-up needs to write the format at all."""
+    return build_prompt(record, tokenizer, max_prompt_tokens, worked_example=examples, refusal_example=examples)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -391,7 +391,7 @@ def load_predictions(path, records):
     return [prediction_text(r, f"{path}:{i}") for i, r in enumerate(rows[:len(records)], 1)]
 
 
-def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, seed=0):
+def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, seed=0, examples=False):
     """Greedy completions with the KV-cached sampler, batched by prompt length. -> list of dicts per record."""
     import torch
     from tqdm import tqdm
@@ -404,8 +404,8 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
     except (OSError, ValueError) as e:
         fail(f"--model {model_name}: {e}".splitlines()[0])
     try:
-        # the training prompt (worked example + refusal example) for every model, so runs compare fairly
-        prompts = [training_prompt(r, tokenizer) for r in records]      # (prompt_ids, prefill) each
+        # the training prompt for every model, so runs compare fairly
+        prompts = [training_prompt(r, tokenizer, examples=examples) for r in records]   # (prompt_ids, prefill) each
     except ValueError as e:                                          # data.DataError: a prompt over the budget
         fail(str(e).splitlines()[0])
     order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))   # similar lengths: little padding
@@ -572,6 +572,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (greedy, KV-cached)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget; rows also stop at EOS and </answer>")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (greedy decoding does not use it)")
+    p.add_argument("--prompt-examples", action="store_true",
+                   help="the prompt of grpo.py --prompt-examples (a worked and a refusal example)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' scores side by side")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="plot a training run's metrics.jsonl as a PNG")
     return p.parse_args(argv)
@@ -600,7 +602,8 @@ def main(argv=None):
         texts = load_predictions(args.predictions, records)
         model_name = args.model if args.model != "builtin" else f"predictions:{args.predictions}"
     else:
-        generations = generate_predictions(args.model, records, args.batch_size, args.max_new_tokens, args.seed)
+        generations = generate_predictions(args.model, records, args.batch_size, args.max_new_tokens, args.seed,
+                                           args.prompt_examples)
         texts = [g["text"] for g in generations]
         model_name = args.model
     rows, scores = evaluate(records, texts, judge)

@@ -202,6 +202,8 @@ class Config:
     top_p: float = flag(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = flag(64, "completion length budget in tokens")
     max_prompt_tokens: int = flag(1024, "longest prompt; longer ones get their document texts cut to fit")
+    prompt_examples: bool = flag(False, "a worked and a refusal example in the prompt, for a model that skipped "
+                                        "--stage 0 (evaluate with eval.py --prompt-examples)")
     # the loss
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
@@ -264,7 +266,7 @@ def parse_args(argv=None) -> Config:
 
 def sample_and_score(model, tokenizer, records, cfg, seed):
     """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]."""
-    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]     # (prompt_ids, prefill)
+    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]  # (ids, prefill)
     eos = eos_token_ids(model, tokenizer)
     model.eval()
     out = generate(model, [ids for ids, _ in built], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
@@ -279,7 +281,7 @@ def sample_and_score(model, tokenizer, records, cfg, seed):
 def gold_batch(tokenizer, records, cfg, gold):
     """Stage 0, the warm-up: one gold completion per prompt in place of G samples (gold: {record id: completion},
     the rest written by data.gold_completion), in sample_and_score's layout."""
-    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]
+    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     ids = [torch.tensor(tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"])
            for r in records]
     comp_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)                 # (B, M)
@@ -388,7 +390,7 @@ def main(argv=None):
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
     records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
     log(f"[data] {cfg.data}: {len(records)} records; {cfg.batch_prompts * world} x {cfg.group_size} per step")
-    [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]
+    [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     gold = load_gold_completions(cfg.gold) if cfg.gold else {}
     # the state, fresh or resumed; the run's logs keep what came before the checkpoint's step
     step, opt_step, data_pos = common.restore_trainer_state(ckpt, model, optimizer, log) if ckpt else (0, 0, [0, 0])

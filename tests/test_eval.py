@@ -458,7 +458,7 @@ def test_cli_generates_with_a_tiny_random_model(tmp_path):
     records = load_data("builtin", split="eval", n=3)
     assert [r["id"] for r in rows] == [r.id for r in records]
     for row, rec in zip(rows, records):
-        ids, prefill = build_prompt(rec, tokenizer, refusal_example=True)  # eval uses the stage-2 prompt
+        ids, prefill = build_prompt(rec, tokenizer, worked_example=False)  # eval uses the training prompt
         # batches are sorted by prompt length: each output must still sit with its own record's prompt
         assert row["prompt_tokens"] == len(ids)
         assert row["text"] == prefill + row["completion"] and 1 <= row["n_tokens"] <= 6

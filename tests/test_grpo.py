@@ -562,7 +562,9 @@ def test_stage_defaults_and_explicit_flags():
     assert (one.out, two.out) == ("runs/stage1", "runs/stage2")
 
 
-def test_training_prompt_is_the_eval_prompt_in_both_stages():
+def test_training_prompt_is_the_eval_prompt_in_every_stage():
+    """What grpo.py trains on (each stage, with and without --prompt-examples) is what eval.py builds for the same
+    flag: the prompt without examples by default, both examples with --prompt-examples."""
     import data
     from model import ModelError, load_tokenizer
     try:
@@ -570,11 +572,15 @@ def test_training_prompt_is_the_eval_prompt_in_both_stages():
     except ModelError as e:
         pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
     r = data.synthetic_records("train", 1, seed=0)[0]
-    as_in_eval, _ = data.build_prompt(r, tok, refusal_example=True)        # what eval.py builds
-    for stage in ("1", "2"):
-        ids, prefill = data.training_prompt(r, tok, grpo.parse_args(["--stage", stage]).max_prompt_tokens)
-        assert ids == as_in_eval and prefill == "<think>"
-        assert data.REFUSAL_EXAMPLE["answer"] in tok.decode(ids)
+    plain, _ = data.build_prompt(r, tok, worked_example=False)            # eval.py's prompt
+    with_examples, _ = data.build_prompt(r, tok, refusal_example=True)     # eval.py --prompt-examples
+    assert len(plain) < len(with_examples) / 2
+    for stage in ("0", "1", "2"):
+        for extra, expected in (([], plain), (["--prompt-examples"], with_examples)):
+            cfg = grpo.parse_args(["--stage", stage, *extra])
+            ids, prefill = data.training_prompt(r, tok, cfg.max_prompt_tokens, cfg.prompt_examples)
+            assert ids == expected and prefill == "<think>"
+            assert (data.REFUSAL_EXAMPLE["answer"] in tok.decode(ids)) == bool(extra)
 
 
 def test_ref_flag_sets_the_kl_reference(tmp_path):
