@@ -1,5 +1,6 @@
 """GRPO (Group Relative Policy Optimization) for grounded, cited answers, in one file read top to bottom.
 
+    python grpo.py --stage 0      # supervised warm-up: the same update on one rule-written gold completion each
     python grpo.py --stage 1      # answerable questions; rewards: tags, format, exact match, citations
     python grpo.py --stage 2      # + the refusal reward, 50/50 answerable / unanswerable, from stage 1's checkpoint
     torchrun --nproc_per_node 2 grpo.py --stage 1      # several processes: gloo on CPU, nccl on GPUs
@@ -14,10 +15,9 @@ One step of the loop in `main`, and the function that does each part:
   6. backward over micro-batches, clip the gradient norm, AdamW, learning-rate schedule     policy_update, lr_at
   7. metrics and samples to the run directory, a checkpoint every --save-every steps        main, common.py
 Left out, on purpose: a separate inference engine (sampling runs on the training weights: nothing to sync); a
-value or reward model (rewards are rules, advantages group-relative); a reference model when beta = 0 (the
-default, as in DAPO and Dr. GRPO; with LoRA it is the policy with adapters off); resampling groups whose rewards
-are all equal (DAPO's dynamic sampling: they are counted, and --drop-zero-std-groups leaves them out of the loss);
-entropy bonuses and length penalties other than DAPO's overlong one (not in the method, docs/METHOD.md).
+value or reward model (rewards are rules, advantages group-relative); a reference model when beta = 0 (the default,
+as in DAPO and Dr. GRPO); resampling groups whose rewards are all equal (DAPO's dynamic sampling: they are counted,
+and --drop-zero-std-groups leaves them out); entropy bonuses (not in the method, docs/METHOD.md).
 
 `grpo_loss` and `group_advantages` depend on torch only: copy them into other projects.
 """
@@ -40,9 +40,11 @@ from eval import batch_metrics, training_summary
 from model import ModelError, adapters_off, completion_logprobs, eos_token_ids, generate, micro_batches
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: bounds ratios and KL so a wild token cannot overflow to inf / NaN
+SAMPLER_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",   # TRL's names
+                   "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                   "sampling/importance_sampling_ratio/max")
 
-# ----------------------------------------------------------------------------------------------------------------
-# The loss (torch only)
+# ---- The loss (torch only) -----------------------------------------------------------------------------------------
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3",
               agg="token-mean", num_tokens=None, num_seqs=None, is_level="token", clip_ratio_c=None,
@@ -54,27 +56,22 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
     ref_logp   (B, T) under the frozen reference (no grad); may be None when beta == 0
     advantages (B,)   one advantage per completion
     mask       (B, T) 1 for completion tokens (up to and including the first EOS), 0 after
-    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] of the ratio (DAPO "clip higher": eps_high = 0.28)
+    eps_low, eps_high: the ratio is clipped to [1 - eps_low, 1 + eps_high] (DAPO "clip higher": eps_high = 0.28)
     kl: "k1" | "k2" | "k3" estimator of KL(policy || reference) per token
-    agg: how per-token losses become one number
-        "token-mean"              sum over tokens / num_tokens (DAPO; TRL's default)
-        "seq-mean-token-mean"     mean over each sequence's tokens, then mean over sequences (GRPO paper)
-        "seq-mean-token-sum-norm" sum over tokens / (num_seqs * T) (Dr. GRPO; T = the generation budget)
-    num_tokens: completion tokens of the WHOLE optimizer step (all micro-batches, all ranks) for "token-mean";
-        default mask.sum(), i.e. this batch is the whole step. Summing the losses of the micro-batches then gives
-        exactly the loss of the whole step, whatever the split into micro-batches or processes.
-    num_seqs: sequences of the whole step for the two "seq-mean" aggregations (default B), for the same reason.
-    is_level: "token", or "sequence": one ratio per completion, exp(its mean log-ratio), clipped as a whole (GSPO,
-        arXiv 2507.18071; TRL importance_sampling_level="sequence")
+    agg: per-token losses to one number: "token-mean" (DAPO; TRL's default), "seq-mean-token-mean" (GRPO paper),
+        "seq-mean-token-sum-norm" (Dr. GRPO; T = the generation budget); the equations are at the code
+    num_tokens, num_seqs: completion tokens ("token-mean") and sequences ("seq-mean-...") of the WHOLE optimizer
+        step, all micro-batches and ranks (default: this batch's), so the micro-batches' losses add up to exactly
+        the whole step's loss, however it is split into micro-batches or processes.
+    is_level: "token", or "sequence": one ratio per completion, exp(its mean log-ratio) (GSPO, arXiv 2507.18071)
     clip_ratio_c: dual clip, for A < 0 the token loss is at most c * |A| (arXiv 1912.09729; verl clip_ratio_c); None off
     sampler_logp (B, T): the sampler's own log-probs of the tokens; adds the sampler / trainer mismatch metrics
-    tis_cap: truncated importance sampling against the sampler (TRL vllm_importance_sampling_correction, verl
-        rollout_is): the policy term times min(pi_old / pi_sampler, tis_cap) (sampler_weights); None = off
+    tis_cap: truncated importance sampling (TRL vllm_importance_sampling_correction, verl rollout_is): the policy
+        term times min(pi_old / pi_sampler, tis_cap) (sampler_weights); None = off
     Returns (loss scalar, metrics dict of detached scalar tensors, token-means over this batch's completion tokens).
     """
     mask = mask.to(logp.dtype)
-    if old_logp is None:
-        old_logp = logp.detach()                      # mu = 1: ratio = 1 in value, but not in gradient
+    old_logp = logp.detach() if old_logp is None else old_logp   # mu = 1: ratio = 1 in value, but not in gradient
     A = advantages.to(logp.dtype).unsqueeze(1)        # (B, 1), broadcast over tokens
 
     # ratio_t = exp(logp_t - old_logp_t), the log-ratio clamped so exp cannot overflow
@@ -86,49 +83,37 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
         raise ValueError(f"grpo_loss: is_level must be token or sequence, got {is_level!r}")
     ratio = torch.exp(log_ratio)                                                   # (B, T), or (B, 1)
     # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
-    unclipped = ratio * A
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A
-    surrogate = torch.minimum(unclipped, clipped).expand_as(logp)                  # (B, T)
+    surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A).expand_as(logp)
     if clip_ratio_c is not None:
         if not clip_ratio_c > 1.0:
             raise ValueError(f"grpo_loss: clip_ratio_c must be > 1, got {clip_ratio_c}")
         # dual clip: for A < 0, surrogate_t = max(surrogate_t, c * A), so -surrogate_t <= c * |A|
         surrogate = torch.where(A < 0, torch.maximum(surrogate, clip_ratio_c * A), surrogate)
 
-    # KL(policy || reference) per token; d = ref_logp - logp, clamped like the ratio
+    # KL(policy || reference) per token, from d = ref_logp - logp clamped like the ratio:
+    # k1 = -d (unbiased, can be negative); k2 = d^2 / 2; k3 = exp(d) - d - 1 >= 0 (unbiased and low variance)
+    kl_t = torch.zeros_like(logp)
     if beta != 0.0 or ref_logp is not None:
         if ref_logp is None:
             raise ValueError("grpo_loss: beta != 0 needs ref_logp")
-        d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)       # (B, T)
-        if kl == "k1":
-            kl_t = -d                                 # k1 = logp - ref_logp (unbiased, can be negative)
-        elif kl == "k2":
-            kl_t = 0.5 * d * d                        # k2 = (logp - ref_logp)^2 / 2
-        elif kl == "k3":
-            kl_t = torch.exp(d) - d - 1.0             # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, low variance
-        else:
+        if kl not in ("k1", "k2", "k3"):
             raise ValueError(f"grpo_loss: kl must be k1, k2 or k3, got {kl!r}")
-    else:
-        kl_t = torch.zeros_like(logp)
+        d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)       # (B, T)
+        kl_t = -d if kl == "k1" else 0.5 * d * d if kl == "k2" else torch.exp(d) - d - 1.0
 
     # loss_t = -(w_t * surrogate_t - beta * kl_t), w_t the truncated sampler weight (1 without tis_cap)
     weight, sampler_metrics = sampler_weights(old_logp, sampler_logp, mask, is_level, tis_cap)
     per_token = -(surrogate - beta * kl_t) if tis_cap is None else -(weight * surrogate - beta * kl_t)   # (B, T)
 
     B, T = logp.shape
-    if agg == "token-mean":
-        # sum_{i,t} mask * loss_t / (completion tokens of the whole step)
+    n_seq = max(B if num_seqs is None else num_seqs, 1)
+    if agg == "token-mean":                  # sum_{i,t} mask * loss_t / (completion tokens of the whole step)
         n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logp.dtype)
         loss = (per_token * mask).sum() / torch.clamp(n, min=1.0)
-    elif agg == "seq-mean-token-mean":
-        # (1 / num_seqs) sum_i [ sum_t mask * loss_t / |o_i| ]
-        seq_len = torch.clamp(mask.sum(1), min=1.0)                                  # (B,) empty rows -> 0 loss
-        n_seq = B if num_seqs is None else num_seqs
-        loss = ((per_token * mask).sum(1) / seq_len).sum() / max(n_seq, 1)
-    elif agg == "seq-mean-token-sum-norm":
-        # (1 / (num_seqs * T)) sum_{i,t} mask * loss_t: a constant normalizer, no length bias
-        n_seq = B if num_seqs is None else num_seqs
-        loss = (per_token * mask).sum() / (max(n_seq, 1) * T)
+    elif agg == "seq-mean-token-mean":       # (1 / num_seqs) sum_i [sum_t mask * loss_t / |o_i|], empty rows 0
+        loss = ((per_token * mask).sum(1) / torch.clamp(mask.sum(1), min=1.0)).sum() / n_seq
+    elif agg == "seq-mean-token-sum-norm":   # (1 / (num_seqs * T)) sum_{i,t} mask * loss_t: no length bias
+        loss = (per_token * mask).sum() / (n_seq * T)
     else:
         raise ValueError(f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, "
                          f"got {agg!r}")
@@ -162,10 +147,7 @@ def sampler_weights(old_logp, sampler_logp, mask, is_level="token", tis_cap=None
         w = torch.exp(torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap or math.inf)
         on = mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)  # an empty batch reports w = 1
         d, w_on = diff.abs()[on], w.expand_as(diff)[on]                              # (completion tokens,) each
-    return w, {"sampling/sampling_logp_difference/mean": d.mean(), "sampling/sampling_logp_difference/max": d.max(),
-               "sampling/importance_sampling_ratio/min": w_on.min(),
-               "sampling/importance_sampling_ratio/mean": w_on.mean(),
-               "sampling/importance_sampling_ratio/max": w_on.max()}
+    return w, dict(zip(SAMPLER_METRICS, (d.mean(), d.max(), w_on.min(), w_on.mean(), w_on.max())))
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
@@ -175,19 +157,15 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     scale: "group" A = (r - mean_group) / (std_group + eps)  (GRPO)
            "batch" A = (r - mean_group) / (std_batch + eps)  (less noise from tiny groups)
            "none"  A =  r - mean_group                       (Dr. GRPO: no difficulty bias)
-    A group whose rewards are all equal gets A = 0 exactly (it teaches nothing), never NaN.
-    Returns (N*G,) float32.
+    A group whose rewards are all equal gets A = 0 exactly (it teaches nothing), never NaN. Returns (N*G,) float32.
     """
     r = rewards.detach().to(torch.float64).view(-1, group_size)                  # (N, G)
-    centered = r - r.mean(dim=1, keepdim=True)                                    # r_ij - mean_j r_i.
-    zero_std = (r.max(dim=1).values == r.min(dim=1).values)                       # (N,) all-equal groups
-    centered = torch.where(zero_std.unsqueeze(1), torch.zeros_like(centered), centered)
-    if scale == "group":
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])   # unbiased, (N, 1)
-        adv = centered / (std + eps)
+    zero_std = (r.max(dim=1).values == r.min(dim=1).values).unsqueeze(1)         # (N, 1) all-equal groups
+    centered = torch.where(zero_std, 0.0, r - r.mean(dim=1, keepdim=True))       # r_ij - mean_j r_i.
+    if scale == "group":   # the unbiased std of each group, (N, 1)
+        adv = centered / ((r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])) + eps)
     elif scale == "batch":
-        std = r.std() if r.numel() > 1 else torch.zeros(())
-        adv = centered / (std + eps)
+        adv = centered / ((r.std() if r.numel() > 1 else torch.zeros(())) + eps)
     elif scale == "none":
         adv = centered
     else:
@@ -195,8 +173,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     return adv.view(-1).to(torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The configuration: one field per flag, its --help beside it; the defaults that depend on --stage in one table
+# ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table ------------------
 
 STAGE_DEFAULTS = {0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),   # one gold each
                   1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7, lr=2e-5),
@@ -206,12 +183,11 @@ STAGE_DEFAULTS = {0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1
 def per_stage(name, help):   # the default comes from STAGE_DEFAULTS; a Config built in code gets stage 1's
     return flag(STAGE_DEFAULTS[1][name], help, per_stage=True)
 
-
 @dataclass
 class Config:
     # what to train, from what, on what
-    stage: int = flag(1, "0: supervised warm-up on gold completions; 1: GRPO, format, answer, citation rewards; "
-                         "2: + refusal (0 and 2: half the questions unanswerable)", choices=[0, 1, 2])
+    stage: int = flag(1, "0: warm-up on gold completions; 1: GRPO on answerable questions, format, answer and "
+                         "citation rewards; 2: + refusal, half unanswerable", choices=[0, 1, 2])
     model: str = flag("builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face model directory")
     init: str | None = flag(None, "weights to start from (default: the previous stage's checkpoint beside --out "
                                   "when there is one, else --model)")
@@ -232,16 +208,17 @@ class Config:
     beta: float = flag(0.0, "weight of the KL penalty to the frozen reference (0: no reference forward at all)")
     kl: str = flag("k3", "KL estimator (k3: exp(ref - logp) - (ref - logp) - 1)", choices=["k1", "k2", "k3"])
     ref: str | None = flag(None, "weights of the KL reference (default: the start of the stage); not with LoRA")
-    loss_agg: str = flag("token-mean", "DAPO, GRPO paper, Dr. GRPO", choices=["token-mean", "seq-mean-token-mean",
-                                                                              "seq-mean-token-sum-norm"])
-    scale_rewards: str = flag("group", "advantages / std of group, batch, none (Dr. GRPO)", choices=["group", "batch", "none"])
+    loss_agg: str = flag("token-mean", "DAPO, GRPO paper, Dr. GRPO (grpo_loss)", choices=["token-mean",
+                         "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    scale_rewards: str = flag("group", "advantages / std of the group, of the batch, or none (Dr. GRPO)",
+                              choices=["group", "batch", "none"])
     is_level: str = flag("token", "the ratio per token (GRPO) or sequence (GSPO)", choices=["token", "sequence"])
     clip_ratio_c: float = flag(0.0, "dual clip: for A < 0 the token loss is at most c * |A| (verl: 3; 0 = off)")
     tis_cap: float = flag(0.0, "truncated importance sampling: weight by min(pi_trainer / pi_sampler, cap) (0 = off)")
     drop_zero_std_groups: bool = flag(False, "leave groups whose rewards are all equal (advantage 0) out of the loss")
     mask_truncated: bool = flag(False, "completions cut at --max-new-tokens leave the loss")
     overlong_buffer: int = flag(0, "DAPO's soft overlong penalty over the last L tokens of the budget (0 = off)")
-    # the optimizer
+    # the optimizer, memory and precision
     lr: float = per_stage("lr", "peak learning rate of AdamW")
     warmup_steps: int = flag(2, "optimizer steps of linear warm-up before the cosine decay")
     min_lr_ratio: float = flag(0.1, "the cosine decays to lr * min_lr_ratio")
@@ -249,7 +226,6 @@ class Config:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
     mu: int = flag(1, "optimizer steps per sampled batch; > 1 reuses the log-probs stored right after sampling")
     micro_batch: int = flag(16, "completions per forward / backward; gradients accumulate over the batch")
-    # memory and precision
     dtype: str = flag("float32", "parameter dtype", choices=["float32", "bfloat16"])
     grad_checkpoint: bool = flag(False, "recompute each block in backward instead of keeping its activations")
     lora_rank: int = flag(0, "0: full fine-tune; > 0: LoRA of this rank on the blocks' linear layers")
@@ -264,21 +240,17 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    p = common.config_parser(Config, STAGE_DEFAULTS, "GRPO for grounded, cited answers: python grpo.py --stage 1, 2")
+    p = common.config_parser(Config, STAGE_DEFAULTS, "GRPO for grounded, cited answers: python grpo.py --stage 0|1|2")
     args = vars(p.parse_args(argv))
-    stage = STAGE_DEFAULTS[args["stage"]]
-    cfg = Config(**{k: stage[k] if v is None and k in stage else v for k, v in args.items()})   # None: not given
+    cfg = Config(**{k: STAGE_DEFAULTS[args["stage"]].get(k) if v is None else v for k, v in args.items()})  # not given
     cfg.out = cfg.out or f"runs/stage{cfg.stage}"
     counts = ("steps", "batch_prompts", "max_new_tokens", "mu", "micro_batch", "save_every")
     for ok, message in ((cfg.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
-                        (cfg.group_size >= 2 or cfg.stage == 0, "--group-size must be >= 2 (advantages compare a "
-                                                                "prompt's completions)"),
-                        (cfg.group_size == 1 or cfg.stage > 0, "--stage 0 imitates one gold completion per prompt: "
-                                                               "--group-size 1"),
+                        (cfg.group_size >= 2 or cfg.stage == 0, "--group-size must be >= 2 (advantages compare)"),
+                        (cfg.group_size == 1 or cfg.stage > 0, "--stage 0 imitates one gold each: --group-size 1"),
                         (cfg.gold is None or cfg.stage == 0, "--gold is for --stage 0"),
                         (min(getattr(cfg, k) for k in counts) >= 1, f"--{', --'.join(counts)} must be >= 1"),
-                        (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune: with --lora-rank the "
-                                                                "reference is the policy with adapters off"),
+                        (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
                         (cfg.ref is None or cfg.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
                         (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, "--clip-ratio-c must be 0 (off) or > 1"),
                         (cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0 = off)"),
@@ -288,8 +260,7 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The rollout: sample G completions per prompt, score each
+# ---- The rollout: sample G completions per prompt, score each ------------------------------------------------------
 
 def sample_and_score(model, tokenizer, records, cfg, seed):
     """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]."""
@@ -318,51 +289,39 @@ def gold_batch(tokenizer, records, cfg, gold):
 
 def score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp=None):
     """The rewards of completions (R, M) of records (R / len(records) rows each), and the batch dict of the update."""
-    G = comp_ids.shape[0] // len(records)
+    R, G = comp_ids.shape[0], comp_ids.shape[0] // len(records)
     lengths = comp_mask.sum(1).long()                                              # (R,)
     texts = [tokenizer.decode(comp_ids[r, :n].tolist(), skip_special_tokens=True) for r, n in enumerate(lengths)]
     # the reward sees what the assistant wrote: the prefilled "<think>" plus the completion (stage 0: scored as 2)
-    scored = [rewards.stage_reward(built[r // G][1] + t, records[r // G], cfg.stage or 2) for r, t in enumerate(texts)]
-    if cfg.overlong_buffer > 0:   # DAPO's soft overlong punishment, added to the total as its own component
-        penalties = [rewards.overlong_penalty(int(n), cfg.max_new_tokens, cfg.overlong_buffer) for n in lengths]
-        scored = [(total + p, dict(c, overlong=p)) for (total, c), p in zip(scored, penalties)]
+    totals, components = rewards.completion_rewards([built[r // G][1] + t for r, t in enumerate(texts)], records,
+                                                    cfg.stage or 2, lengths, cfg.max_new_tokens, cfg.overlong_buffer)
     ended = [comp_ids[r, n - 1].item() in eos or STOP_STRINGS[0] in texts[r] for r, n in enumerate(lengths)]
-    return dict(prompts=[ids for ids, _ in built], prefills=[p for _, p in built], comp_ids=comp_ids,
-                comp_mask=comp_mask, sampler_logp=sampler_logp, texts=texts,
-                rewards=torch.tensor([float(total) for total, _ in scored]),
-                components=[c for _, c in scored], truncated=~torch.tensor(ended),
-                answerable=torch.tensor([records[r // G].answerable for r in range(len(texts))]))
+    return dict(prompts=[ids for ids, _ in built], prefills=[p for _, p in built], comp_ids=comp_ids, texts=texts,
+                comp_mask=comp_mask, sampler_logp=sampler_logp, rewards=torch.tensor(totals), components=components,
+                truncated=~torch.tensor(ended), answerable=torch.tensor([records[r // G].answerable for r in range(R)]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The update: mu optimizer steps on one sampled batch
+# ---- The update: mu optimizer steps on one sampled batch -----------------------------------------------------------
 
 def lr_at(it, total, cfg):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr: a function of the step, nothing to restore."""
     if it < cfg.warmup_steps:
         return cfg.lr * (it + 1) / cfg.warmup_steps
-    progress = min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    floor = cfg.lr * cfg.min_lr_ratio
+    progress, floor = min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)), cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg):
-    """AdamW, betas 0.9 / 0.99. fused=True updates each tensor in place, where the default multi-tensor path
-    allocates temporaries as large as the trained weights (bench/README-vs-trl.md)."""
+def make_optimizer(params, cfg):   # fused: in place, where the default allocates weight-sized temporaries
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay, fused=True)
 
 
 LOSS_METRICS = ("policy_loss", "surrogate", "kl", "ratio_mean", "ratio_max", "clip_frac_low", "clip_frac_high",
                 "clip_frac", "entropy", "nll")
-SAMPLER_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",   # TRL's names
-                   "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
-                   "sampling/importance_sampling_ratio/max")
 
 
 def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps,
                   log=print):
-    """-> list of per-inner-iteration metric dicts. keep_rows: the rows that enter the loss (all, or fewer under
-    --drop-zero-std-groups and --mask-truncated)."""
+    """-> per-inner-iteration metric dicts. keep_rows: the rows in the loss (all, or fewer: --drop-zero-std-groups)"""
     params = [p for p in model.parameters() if p.requires_grad]
     chunks = micro_batches(keep_rows, cfg.micro_batch, cfg.group_size)   # (rows, prompt ids, row -> prompt)
     mask, sampler_logp = batch["comp_mask"], batch.get("sampler_logp")   # (R, M) each
@@ -407,8 +366,7 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         if skipped:   # every rank sees the same all-reduced loss and gradient, so every rank skips together
-            log(f"[warn] optimizer step {opt_step + it}: non-finite loss ({loss_total}) or gradient norm "
-                f"({grad_norm}); step skipped")
+            log(f"[warn] optimizer step {opt_step + it}: loss {loss_total}, gradient norm {grad_norm}: skipped")
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
@@ -418,8 +376,7 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
     return history
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main: set up, then the step loop
+# ---- main: set up, then the step loop ------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg, t_start = parse_args(argv), time.time()
@@ -430,15 +387,12 @@ def main(argv=None):
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
     records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
-    log(f"[data] {cfg.data}: {len(records)} stage-{cfg.stage} records; {cfg.batch_prompts * world} prompts x "
-        f"{cfg.group_size} completions per step")
-    for r in records:
-        training_prompt(r, tokenizer, cfg.max_prompt_tokens)
+    log(f"[data] {cfg.data}: {len(records)} records; {cfg.batch_prompts * world} x {cfg.group_size} per step")
+    [training_prompt(r, tokenizer, cfg.max_prompt_tokens) for r in records]
     gold = load_gold_completions(cfg.gold) if cfg.gold else {}
     # the state, fresh or resumed; the run's logs keep what came before the checkpoint's step
     step, opt_step, data_pos = common.restore_trainer_state(ckpt, model, optimizer, log) if ckpt else (0, 0, [0, 0])
-    history = common.open_run_logs(out, step, dict(asdict(cfg), init_resolved=init, world_size=world)) \
-        if rank == 0 else []
+    history = [] if rank else common.open_run_logs(out, step, dict(asdict(cfg), init_resolved=init, world_size=world))
     total_opt_steps, last_step, G = cfg.steps * cfg.mu, min(cfg.steps, cfg.stop_after or cfg.steps), cfg.group_size
     bar = tqdm(total=last_step, initial=step, disable=rank != 0 or cfg.no_progress, dynamic_ncols=True)
     while step < last_step:
@@ -470,8 +424,8 @@ def main(argv=None):
         m.update({k: sum(h[k] for h in inner) / len(inner) for k in inner[0]})
         if cfg.mu > 1:
             m["ratio_mean_last_iter"] = inner[-1]["ratio_mean"]
-        m.update(kept_rows=int(common.all_reduce_sum(torch.tensor(len(keep))).item()), tokens_per_s=gathered["lengths"].sum().item() / dt, sample_time=t_sample,
-                 train_time=t_train, step_time=dt)
+        m.update(kept_rows=int(common.all_reduce_sum(torch.tensor(len(keep))).item()), sample_time=t_sample,
+                 tokens_per_s=gathered["lengths"].sum().item() / dt, train_time=t_train, step_time=dt)
         if rank == 0:
             history.append(m)
             common.append_jsonl(out / "metrics.jsonl", [m])
@@ -485,7 +439,7 @@ def main(argv=None):
             common.barrier()
     bar.close()
     for line in ["=" * 78, *training_summary(cfg.stage, history, time.time() - t_start), f"checkpoint: "
-                 f"{out / 'checkpoint'}", f"metrics: {out / 'metrics.jsonl'}, samples: {out / 'samples.jsonl'}", "=" * 78]:
+                 f"{out / 'checkpoint'}", f"metrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl", "=" * 78]:
         log(line)
     common.shutdown_distributed()
     return history
