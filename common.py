@@ -540,9 +540,10 @@ def memory_plan(hf, cfg, world=1) -> dict:
     rows, seq = cfg.batch_prompts * cfg.group_size, cfg.max_prompt_tokens + cfg.max_new_tokens
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     # a micro-batch: its rows' completions plus the prompts they share (packed), at most the prompt budget each
-    prompts = -(-cfg.micro_batch // cfg.group_size) + 1  # a group may straddle two micro-batches
-    S = cfg.max_prompt_tokens + min(cfg.group_size, cfg.micro_batch) * cfg.max_new_tokens  # one packed sequence
-    tokens = cfg.micro_batch * cfg.max_new_tokens + prompts * cfg.max_prompt_tokens
+    mb = min(cfg.micro_batch, rows)
+    prompts = min(-(-mb // cfg.group_size) + 1, cfg.batch_prompts)  # a group may straddle two micro-batches
+    S = cfg.max_prompt_tokens + min(cfg.group_size, mb) * cfg.max_new_tokens  # one packed sequence
+    tokens = mb * cfg.max_new_tokens + prompts * cfg.max_prompt_tokens  # every prompt budgeted at its maximum
     kept = 4 * c.hidden_size + 2 * q + 2 * kv + 2 * c.intermediate_size  # what autograd keeps per token and layer
     layers_kept = 1 if cfg.grad_checkpoint else c.num_hidden_layers
     plan = dict(
@@ -560,7 +561,9 @@ def memory_plan(hf, cfg, world=1) -> dict:
     )
     persistent = sum(plan[k] for k in ("weights", "masters", "optimizer", "reference", "runtime"))
     sampling = plan["sampling_gathered"] + plan["kv_cache"] + plan["sampling_logits"]
-    plan["peak"] = persistent + max(sampling, plan["gradients"] + plan["activations"])
+    # backward frees activations as it allocates gradients: the output layer's gradient comes first, at the fullest
+    head = c.vocab_size * c.hidden_size * 4 / n if cfg.lora_rank == 0 else 0
+    plan["peak"] = persistent + max(sampling, plan["activations"] + head, plan["gradients"])
     plan["parameters"], plan["trained_parameters"] = P, Pt
     return plan
 
