@@ -4,12 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train stage0 stage1 stage2 test bench help
+.PHONY: setup train stage0 stage1 stage2 test bench gpu-check help
 
 help:
 	@echo "make train   - the recipe on the built-in model and task: warm-up, then GRPO stages 1 and 2 (grpo.py --stage 0|1|2)"
 	@echo "make test    - run the test suite (sets everything up first)"
 	@echo "make bench   - run the benchmarks under bench/"
+	@echo "make gpu-check - on a CUDA machine: kernels and model on CUDA, the 7B log-prob kernel, bf16 GRPO steps"
 
 $(STAMP): requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +57,7 @@ $(BENCH_STAMP): requirements.txt bench/requirements.txt
 .PHONY: bench-trl
 bench-trl: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/vs_trl.py
+
+# On a GPU machine with torch + CUDA already installed (no set-up, no network): PYTHON=python3 make gpu-check
+gpu-check:
+	$(PYTHON) bench/gpu_check.py

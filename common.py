@@ -5,8 +5,11 @@
   2. memory      hand memory the C allocator still holds back to the OS before each forward and backward
   3. weights     which weights a stage starts from; the policy and the frozen reference
   4. checkpoints the Hugging Face layout plus trainer_state.pt, written atomically; the run's log files
+  5. precision   bf16 compute with fp32 master weights; FSDP2 sharding across processes
+  6. memory plan what each rank will hold, from the model's config, checked before loading
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -18,8 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from model import ModelError, Transformer, add_lora, load_tokenizer, lora_merged
+from model import ModelConfig, ModelError, Transformer, add_lora, load_tokenizer, read_json, resolve_model_path
 
 # ----------------------------------------------------------------------------------------------------------------
 # 0. Flags: one per field of the config dataclass, its help from the field's metadata
@@ -107,6 +115,8 @@ class StepMetrics:
         self.extremes = torch.full((len(keys),), -math.inf, dtype=torch.float64)
 
     def add(self, metrics, tokens):
+        if float(tokens) == 0:  # no tokens: nothing to average, and no extremes (e.g. a padded micro-batch)
+            return
         v = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64) for k in self.keys])
         self.sums += v * float(tokens)
         self.extremes = torch.maximum(self.extremes, self.sign * v)
@@ -195,13 +205,17 @@ def resolve_init(cfg, log=print) -> str:
 def load_models(cfg, weights, init, device):
     """-> (policy, reference or None). The policy starts from `weights` (init, or a checkpoint when resuming).
     The reference is the frozen start of this stage, `init` (or `--ref`): with LoRA the same module with adapters
-    off; otherwise a frozen copy, and none at all when beta == 0."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    policy = Transformer.from_pretrained(weights, dtype=dtype, device=device)
+    off; otherwise a frozen copy, and none at all when beta == 0. Trained weights load in fp32 and stay fp32 (the
+    master copy: fp32 shards under FSDP, else fp32 copies beside a bf16 model); frozen weights load in --dtype."""
+    dtype = DTYPES[cfg.dtype or default_dtype(device)]
+    policy = Transformer.from_pretrained(weights, dtype=torch.float32, device=device)
     reference = None
     if cfg.lora_rank > 0:
         torch.manual_seed(cfg.seed)  # adapter init is part of the seeded run
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        for p in policy.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)  # the frozen base: no master copy
         policy.to(device)
     elif cfg.beta > 0:
         reference = Transformer.from_pretrained(cfg.ref or init, dtype=dtype, device=device)
@@ -211,6 +225,12 @@ def load_models(cfg, weights, init, device):
                              f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer")
     if cfg.grad_checkpoint:
         policy.gradient_checkpointing = True
+    if distributed():
+        shard(policy, dtype)
+        if reference is not None:
+            shard(reference, dtype)
+    elif dtype != torch.float32:
+        keep_master_weights(policy, dtype)
     return policy, reference
 
 
@@ -219,12 +239,18 @@ def load_run_models(cfg, ckpt, device, log=print):
     LoRA reloads the base (init) and gets its adapters back from the trainer state."""
     init = resolve_init(cfg, log)
     weights = str(ckpt) if ckpt is not None and cfg.lora_rank == 0 else init
+    cfg.dtype = cfg.dtype or default_dtype(device)
+    world = dist.get_world_size() if distributed() else 1
+    plan = memory_plan(read_json(Path(resolve_model_path(weights)) / "config.json"), cfg, world)
+    for line in format_plan(plan, cfg, world):
+        log(line)
+    check_fit(plan, device)  # before any weight is loaded
     policy, reference = load_models(cfg, weights, init, device)
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"[model] {weights}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
         f"{trained / 1e6:.2f}M trained ({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}), "
         f"reference: {'none (beta = 0)' if cfg.beta == 0 else 'adapters off' if cfg.lora_rank else cfg.ref or init}"
-        f"; {dist.get_world_size() if distributed() else 1} process(es) on {device}")
+        f"; {world} process(es) on {device}{', FSDP2' if world > 1 else ''}, {cfg.dtype}")
     return policy, reference, load_tokenizer(ckpt or init), init
 
 
@@ -234,18 +260,26 @@ def load_run_models(cfg, ckpt, device, log=print):
 
 def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg):
     """Write <out>/checkpoint atomically: into a temporary directory, then renamed. A crash mid-save leaves the
-    previous checkpoint (as checkpoint/ or, between the two renames, checkpoint.old/) intact."""
+    previous checkpoint (as checkpoint/ or, between the two renames, checkpoint.old/) intact. Every rank calls it
+    (under FSDP the weights and the optimizer state are gathered to rank 0); rank 0 writes."""
     out = Path(out)
     final, tmp, old = out / "checkpoint", out / f"checkpoint.tmp-{os.getpid()}", out / "checkpoint.old"
+    weights = full_state_dict(model)  # fp32 masters, adapters unmerged
+    if isinstance(model, FSDPModule):  # keyed by parameter name, so it loads on any number of ranks
+        opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
+    else:
+        opt_state = optimizer.state_dict()
+    if distributed() and dist.get_rank() != 0:
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
-    with lora_merged(model):
-        model.save_pretrained(tmp, tokenizer=tokenizer)
+    model.save_pretrained(tmp, tokenizer=tokenizer, state=merge_lora(model, weights))
     state = {
         "step": step, "opt_step": opt_step, "data_pos": list(data_pos),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": opt_state,
         "rng_torch": torch.get_rng_state(),
         "rng_python": random.getstate(),
-        "lora": {n: p.detach().cpu() for n, p in model.named_parameters() if "lora_" in n},
+        "lora": {n: t for n, t in weights.items() if "lora_" in n},
         "config": asdict(cfg),
     }  # fmt: skip
     torch.save(state, tmp / "trainer_state.pt")
@@ -276,13 +310,20 @@ def load_trainer_state(ckpt):
 def restore_trainer_state(ckpt, model, optimizer, log=print):
     """Optimizer, RNG and (LoRA) adapters from a checkpoint -> (step, opt_step, data_pos) to continue from."""
     state = load_trainer_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_torch"])
     random.setstate(state["rng_python"])
-    named = dict(model.named_parameters())
+    named, masters = dict(model.named_parameters()), getattr(model, "masters", {})
     with torch.no_grad():
         for n, t in state["lora"].items():  # empty for a full fine-tune: its weights came with the checkpoint
+            if isinstance(named[n], DTensor):  # this rank's shard of the full tensor
+                t = distribute_tensor(t.to(named[n].dtype), named[n].device_mesh, named[n].placements)
             named[n].copy_(t)
+            if n in masters:
+                masters[n].copy_(t)
+    if isinstance(model, FSDPModule):
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     log(f"[resume] {ckpt}: continuing at step {state['step']} (optimizer step {state['opt_step']}, data position "
         f"{state['data_pos']})")
     return state["step"], state["opt_step"], list(state["data_pos"])
@@ -334,3 +375,225 @@ def append_jsonl(path, rows):
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Precision and sharding. bf16 rounds an fp32 weight to 8 bits of mantissa, so an AdamW update of lr 1e-5 on a
+# weight of 0.05 (a relative change of 2e-4 < 2^-8) mostly rounds away: the optimizer steps fp32 master weights,
+# the model computes with their bf16 rounding, gradients are summed in fp32.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def default_dtype(device) -> str:
+    """bf16 where the device computes in it (CUDA); fp32 on CPUs, most of which have no bf16 units."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def keep_master_weights(model, dtype):
+    """One process: an fp32 copy of every trained parameter (model.masters, by name) for the optimizer, then the
+    model cast to dtype. Each micro-batch's gradient is added into the master's fp32 .grad as soon as it is
+    accumulated, and the low-precision one freed."""
+    model.masters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.to(dtype)
+    named = dict(model.named_parameters())
+    for n, master in model.masters.items():
+        named[n].register_post_accumulate_grad_hook(lambda p, m=master: _add_to_master(m, p))
+
+
+def _add_to_master(master, p):
+    master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+    p.grad = None
+
+
+def trained_parameters(model):
+    """What the optimizer steps: the fp32 masters when the model keeps them, else the trained parameters (under
+    FSDP their fp32 shards)."""
+    masters = getattr(model, "masters", None)
+    return list(masters.values()) if masters else [p for p in model.parameters() if p.requires_grad]
+
+
+def with_master_weights(model, optimizer):
+    """After each optimizer step the model's weights become the rounding of the updated masters."""
+    masters = getattr(model, "masters", None)
+    if masters:
+        named = dict(model.named_parameters())
+
+        @torch.no_grad()
+        def copy_back(*_):
+            for n, m in masters.items():
+                named[n].copy_(m)
+
+        optimizer.register_step_post_hook(copy_back)
+    return optimizer
+
+
+def reduce_gradients(model):
+    """-> the optimizer's parameters, their .grad the gradient of the whole step's loss (summed over ranks, fp32).
+    FSDP has reduce-scattered them in backward; a replicated model sums them here."""
+    params = trained_parameters(model)
+    if not isinstance(model, FSDPModule):
+        sync_gradients(params)
+    return params
+
+
+_mesh = None
+
+
+def shard(model, dtype):
+    """FSDP2: each block, then the root (embeddings, final norm, head), sharded over all ranks; parameters are
+    gathered in `dtype` for compute and gradients reduce-scattered in fp32. The gradients are summed, not averaged:
+    each rank's loss is already divided by the whole step's token count."""
+    global _mesh
+    if _mesh is None:
+        _mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=_mesh, mp_policy=mp)
+    fully_shard(model, mesh=_mesh, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+@contextlib.contextmanager
+def sampling_weights(model):
+    """Eval mode for a sampling round; under FSDP every parameter gathered once for the whole round (not once per
+    token), and freed at its end."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.eval()
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root stays gathered
+        model.train()
+
+
+def same_count(chunks):
+    """Micro-batches as (rows, prompt ids, row -> prompt, weight), padded to the largest count over the ranks with
+    weight-0 copies: under FSDP every forward and backward is a collective, so every rank must run as many."""
+    n = int(all_reduce_max(torch.tensor(len(chunks))).item())
+    pad = chunks[-1] if chunks else ([0], [0], torch.tensor([0]))  # row 0 of the batch, its mask zeroed
+    return [(*c, 1.0) for c in chunks] + [(*pad, 0.0)] * (n - len(chunks))
+
+
+def full_state_dict(model):
+    """-> {name: CPU tensor}, adapters unmerged: gathered from the shards under FSDP (every rank takes part, rank 0
+    receives, the others get {}), else this module's, with the fp32 masters in place of their bf16 roundings."""
+    if isinstance(model, FSDPModule):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state.update({k: m.detach().cpu() for k, m in getattr(model, "masters", {}).items()})
+    return state
+
+
+def merge_lora(model, state):
+    """Hugging Face names: every adapted layer's weight as W + scale * B @ A (in fp32, stored in W's dtype)."""
+    out = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            continue
+        if ".base." in k:
+            prefix, leaf = k.split(".base.")
+            if leaf == "weight":
+                A, B = state[prefix + ".lora_A"].float(), state[prefix + ".lora_B"].float()
+                v = (v.float() + model.get_submodule(prefix).scale * B @ A).to(v.dtype)
+            k = f"{prefix}.{leaf}"
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. The memory plan: what each rank holds, from the model's config.json and the flags, before anything is loaded.
+# Persistent: weights (trained ones in fp32, frozen ones in --dtype; 1/world of them each under FSDP), fp32 masters
+# beside a bf16 model in one process, AdamW's two fp32 moments, the reference. Then the larger of two phases:
+# sampling (under FSDP the whole model gathered, the KV cache of the round, its logits) and training (fp32
+# gradients, what autograd keeps of one micro-batch). Activations and the runtime are rough terms.
+
+RUNTIME_BYTES = 0.5e9  # the Python process, torch's libraries, the tokenizer and data (CPU); a CUDA context
+
+
+def model_numels(hf, lora_rank=0):
+    """-> (parameters, trained parameters) of a config.json dict, counted on a model built on the meta device."""
+    with torch.device("meta"):
+        m = Transformer(ModelConfig.from_hf(hf))
+        total = sum(p.numel() for p in m.parameters())
+        if lora_rank:
+            add_lora(m, lora_rank, 1.0)
+    return total, sum(p.numel() for p in m.parameters() if p.requires_grad) if lora_rank else total
+
+
+def memory_plan(hf, cfg, world=1) -> dict:
+    """-> {term: bytes per rank}, "peak" their sum at the fuller phase. cfg: the run's flags (grpo.Config)."""
+    c = ModelConfig.from_hf(hf)
+    b = DTYPES[cfg.dtype].itemsize
+    P, Pt = model_numels(hf, cfg.lora_rank)
+    n = world if world > 1 else 1
+    single_bf16 = world == 1 and b < 4
+    rows, seq = cfg.batch_prompts * cfg.group_size, cfg.max_prompt_tokens + cfg.max_new_tokens
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    # a micro-batch: its rows' completions plus the prompts they share (packed), at most the prompt budget each
+    mb = min(cfg.micro_batch, rows)
+    prompts = min(-(-mb // cfg.group_size) + 1, cfg.batch_prompts)  # a group may straddle two micro-batches
+    S = cfg.max_prompt_tokens + min(cfg.group_size, mb) * cfg.max_new_tokens  # one packed sequence
+    tokens = mb * cfg.max_new_tokens + prompts * cfg.max_prompt_tokens  # every prompt budgeted at its maximum
+    kept = 4 * c.hidden_size + 2 * q + 2 * kv + 2 * c.intermediate_size  # what autograd keeps per token and layer
+    layers_kept = 1 if cfg.grad_checkpoint else c.num_hidden_layers
+    plan = dict(
+        weights=(Pt * (b if single_bf16 else 4) + (P - Pt) * b) / n,
+        masters=Pt * 4 if single_bf16 else 0,
+        optimizer=Pt * 8 / n,
+        reference=P * b / n if cfg.beta > 0 and cfg.lora_rank == 0 else 0,
+        sampling_gathered=P * b if world > 1 else 0,
+        kv_cache=2 * c.num_hidden_layers * kv * rows * seq * b,
+        sampling_logits=3 * rows * c.vocab_size * 4,
+        gradients=Pt * 4 / n,
+        activations=tokens * (kept * layers_kept + (c.hidden_size * c.num_hidden_layers if cfg.grad_checkpoint else 0))
+        * b + prompts * S * S * (b + 1),  # + the packed masks (P, 1, S, S), boolean and additive
+        runtime=RUNTIME_BYTES,
+    )
+    persistent = sum(plan[k] for k in ("weights", "masters", "optimizer", "reference", "runtime"))
+    sampling = plan["sampling_gathered"] + plan["kv_cache"] + plan["sampling_logits"]
+    # backward frees activations as it allocates gradients: the output layer's gradient comes first, at the fullest
+    head = c.vocab_size * c.hidden_size * 4 / n if cfg.lora_rank == 0 else 0
+    plan["peak"] = persistent + max(sampling, plan["activations"] + head, plan["gradients"])
+    plan["parameters"], plan["trained_parameters"] = P, Pt
+    return plan
+
+
+def device_bytes(device):
+    """Memory a rank may use: the GPU's total, or the RAM the OS reports available; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def format_plan(plan, cfg, world):
+    gb = lambda k: f"{plan[k] / 1e9:.2f}"
+    what = f"{'FSDP2 over ' + str(world) if world > 1 else '1 process'}, {cfg.dtype}, " \
+           f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}"
+    return [f"[memory] plan per rank ({what}; GB): weights {gb('weights')}, fp32 masters {gb('masters')}, "
+            f"optimizer {gb('optimizer')}, reference {gb('reference')}, runtime {gb('runtime')}; sampling: gathered "
+            f"weights {gb('sampling_gathered')}, KV cache {gb('kv_cache')}, logits {gb('sampling_logits')}; "
+            f"training: gradients {gb('gradients')}, activations ~{gb('activations')} -> peak ~{gb('peak')} GB"]
+
+
+def check_fit(plan, device, available=None):
+    """A one-line error when the plan clearly cannot fit: its peak above what the device has."""
+    available = available if available is not None else device_bytes(device)
+    if available is not None and plan["peak"] > available:
+        raise ModelError(f"the memory plan needs ~{plan['peak'] / 1e9:.1f} GB per rank, more than the "
+                         f"{available / 1e9:.1f} GB {torch.device(device).type} has: try --lora-rank, more "
+                         f"processes (FSDP2), --dtype bfloat16, --grad-checkpoint or a smaller --micro-batch")

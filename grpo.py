@@ -202,8 +202,7 @@ class Config:
     top_p: float = flag(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = flag(64, "completion length budget in tokens")
     max_prompt_tokens: int = flag(1024, "longest prompt; longer ones get their document texts cut to fit")
-    prompt_examples: bool = flag(False, "a worked and a refusal example in the prompt, for a model that skipped "
-                                        "--stage 0 (evaluate with eval.py --prompt-examples)")
+    prompt_examples: bool = flag(False, "a worked and a refusal example in the prompt (for a model without stage 0)")
     # the loss
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
@@ -228,7 +227,8 @@ class Config:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
     mu: int = flag(1, "optimizer steps per sampled batch; > 1 reuses the log-probs stored right after sampling")
     micro_batch: int = flag(16, "completions per forward / backward; gradients accumulate over the batch")
-    dtype: str = flag("float32", "parameter dtype", choices=["float32", "bfloat16"])
+    dtype: str = flag(None, "compute dtype (default: bfloat16 on CUDA, float32 on CPU); trained weights and AdamW "
+                            "stay fp32", choices=["float32", "bfloat16"])
     grad_checkpoint: bool = flag(False, "recompute each block in backward instead of keeping its activations")
     lora_rank: int = flag(0, "0: full fine-tune; > 0: LoRA of this rank on the blocks' linear layers")
     lora_alpha: float = flag(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
@@ -264,15 +264,15 @@ def parse_args(argv=None) -> Config:
 
 # ---- The rollout: sample G completions per prompt, score each ------------------------------------------------------
 
-def sample_and_score(model, tokenizer, records, cfg, seed):
-    """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]."""
-    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]  # (ids, prefill)
+def sample_and_score(model, tokenizer, records, cfg, seed, first_row=0):
+    """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]; row r draws from the
+    seed of row first_row + r of the global batch, so the split over processes does not change the samples."""
+    built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     eos = eos_token_ids(model, tokenizer)
-    model.eval()
-    out = generate(model, [ids for ids, _ in built], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos, seed=seed,
-                   stop_strings=STOP_STRINGS, tokenizer=tokenizer)
-    model.train()
+    with common.sampling_weights(model):   # eval mode; under FSDP the weights gathered once for the round
+        out = generate(model, [ids for ids, _ in built], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos, seed=seed,
+                       stop_strings=STOP_STRINGS, tokenizer=tokenizer, first_row=first_row)
     # generate runs under inference_mode; clones are ordinary tensors that autograd may save for backward
     comp_ids, comp_mask, sampler_logp = (x.clone() for x in out)                   # (B*G, max_new_tokens) each
     return score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp)
@@ -324,8 +324,7 @@ LOSS_METRICS = ("policy_loss", "surrogate", "kl", "ratio_mean", "ratio_max", "cl
 def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps,
                   log=print):
     """-> per-inner-iteration metric dicts. keep_rows: the rows in the loss (all, or fewer: --drop-zero-std-groups)"""
-    params = [p for p in model.parameters() if p.requires_grad]
-    chunks = micro_batches(keep_rows, cfg.micro_batch, cfg.group_size)   # (rows, prompt ids, row -> prompt)
+    chunks = common.same_count(micro_batches(keep_rows, cfg.micro_batch, cfg.group_size))  # equal counts on all ranks
     mask, sampler_logp = batch["comp_mask"], batch.get("sampler_logp")   # (R, M) each
     # normalizers of the whole optimizer step: all micro-batches, all ranks
     num_tokens = common.all_reduce_sum(mask[keep_rows].sum().double()).item()
@@ -342,15 +341,16 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
         optimizer.zero_grad(set_to_none=True)
         stats = common.StepMetrics(LOSS_METRICS + (SAMPLER_METRICS if sampler_logp is not None else ()))
         loss_total = torch.zeros((), dtype=torch.float64)  # the micro-batches' losses add up to the step's loss
-        for c, (rows, pids, rows_prompt) in enumerate(chunks):
+        for c, (rows, pids, rows_prompt, w) in enumerate(chunks):
             common.release_freed_memory()   # what sampling, the no-grad passes and the last step freed: RSS = live
-            inputs = ([batch["prompts"][p] for p in pids], batch["comp_ids"][rows], mask[rows], rows_prompt,
+            mrows = mask[rows] * w            # (r, M)
+            inputs = ([batch["prompts"][p] for p in pids], batch["comp_ids"][rows], mrows, rows_prompt,
                       cfg.temperature)
             if cfg.beta > 0 and it == 0:    # the frozen reference: a copy, or with LoRA the policy, adapters off
                 with torch.no_grad(), contextlib.nullcontext() if reference is not None else adapters_off(model):
                     ref_logp[c] = completion_logprobs(reference if reference is not None else model, *inputs)
             logp, ent = completion_logprobs(model, *inputs, return_entropy=True)                     # (r, M) each
-            loss, m = grpo_loss(logp, old_logp.get(c), ref_logp.get(c), advantages[rows], mask[rows],
+            loss, m = grpo_loss(logp, old_logp.get(c), ref_logp.get(c), advantages[rows], mrows,
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl,
                                 agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, is_level=cfg.is_level,
                                 clip_ratio_c=cfg.clip_ratio_c or None, tis_cap=cfg.tis_cap or None,
@@ -361,9 +361,9 @@ def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg
             loss.backward()
             loss_total += loss.detach().double()
             n = torch.clamp(m["tokens"], min=1)   # nll: the warm-up's loss, the mean -log p of the trained tokens
-            stats.add(dict(m, entropy=(ent * mask[rows]).sum() / n, nll=-(logp.detach() * mask[rows]).sum() / n),
+            stats.add(dict(m, entropy=(ent * mrows).sum() / n, nll=-(logp.detach() * mrows).sum() / n),
                       m["tokens"])
-        common.sync_gradients(params)
+        params = common.reduce_gradients(model)   # fp32, summed over ranks (FSDP: already, in backward)
         loss_total = common.all_reduce_sum(loss_total).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
@@ -386,7 +386,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     out, ckpt = Path(cfg.out), common.checkpoint_to_resume(cfg, log)   # never overwrites a run silently
     model, reference, tokenizer, init = common.load_run_models(cfg, ckpt, device, log)   # init: the stage's start
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = common.with_master_weights(model, make_optimizer(common.trained_parameters(model), cfg))
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
     records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
     log(f"[data] {cfg.data}: {len(records)} records; {cfg.batch_prompts * world} x {cfg.group_size} per step")
@@ -405,7 +405,8 @@ def main(argv=None):
         if cfg.stage == 0:   # the warm-up: this update on one gold completion per prompt with advantage 1 (and
             batch = gold_batch(tokenizer, local, cfg, gold)   # ratio 1, no clip) minimizes its tokens' mean NLL
         else:
-            batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024 + rank)
+            batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024,
+                                     first_row=rank * cfg.batch_prompts * G)
         t_sample = time.time() - t0
         # 3. advantages over the global batch (group scaling looks within a group, batch scaling at all of it)
         gathered, R = common.gather_rollout(batch), len(batch["texts"])
@@ -436,8 +437,7 @@ def main(argv=None):
                         step_s=f"{dt:.1f}")
         bar.update(1)
         if step % cfg.save_every == 0 or step == last_step:
-            if rank == 0:
-                common.save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg)
+            common.save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg)  # rank 0 writes
             common.barrier()
     bar.close()
     for line in ["=" * 78, *training_summary(cfg.stage, history, time.time() - t_start), f"checkpoint: "

@@ -272,10 +272,11 @@ class Transformer(nn.Module):
         """(V, H) output projection: the input embedding when tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False, head=None):
         """input_ids (B, T); attention_mask (B, T) or, with a cache, (B, S) over cache + new tokens: 1 = real
         token, 0 = left padding; or a ready (B, 1, T, T) boolean mask (True = may attend) with position_ids, for
-        packed sequences. Returns logits (B, T, V), or the final-norm hidden states (B, T, H)."""
+        packed sequences. Returns logits (B, T, V), or the final-norm hidden states (B, T, H), or head(hidden,
+        lm_head_weight): run inside forward, where a sharded (FSDP) model holds its gathered output weight."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         past = cache.length if cache is not None else 0
@@ -299,6 +300,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)  # (B, T, H)
+        if head is not None:
+            return head(x, self.lm_head_weight)
         if return_hidden:
             return x
         return F.linear(x, self.lm_head_weight)  # (B, T, V)
@@ -329,14 +332,15 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg)
         return model.to(device)
 
-    def save_pretrained(self, path, tokenizer=None):
-        """Write config.json + model.safetensors (+ tokenizer files): the layout transformers loads."""
+    def save_pretrained(self, path, tokenizer=None, state=None):
+        """Write config.json + model.safetensors (+ tokenizer files): the layout transformers loads. state: the
+        tensors to write in place of this module's own (fp32 master weights, weights gathered from shards)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        dtype = self.model.embed_tokens.weight.dtype
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()}
+        dtype = state["model.embed_tokens.weight"].dtype
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -428,14 +432,15 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
-def row_uniforms(seed: int, rows: int, steps: int) -> torch.Tensor:
+def row_uniforms(seed: int, rows: int, steps: int, first_row: int = 0) -> torch.Tensor:
     """One uniform per (row, step) from a generator seeded by (seed, row): a row's samples depend only on its own
     seed and logits, not on which other rows share the batch, so the prefill-once group path and G separate
-    prefills draw the same tokens."""
+    prefills draw the same tokens. first_row: the place of row 0 in the global batch, so a batch split over
+    processes draws what one process drawing all of it would."""
     u = torch.empty(rows, steps)
     g = torch.Generator()
     for r in range(rows):
-        g.manual_seed((seed * 1_000_003 + r) % (2**63))
+        g.manual_seed((seed * 1_000_003 + first_row + r) % (2**63))
         u[r] = torch.rand(steps, generator=g)
     return u
 
@@ -525,6 +530,7 @@ def generate(
     stop_strings=None,
     tokenizer=None,
     pad_token_id=None,
+    first_row=0,
 ):
     """Sample `group_size` completions per prompt.
 
@@ -550,8 +556,8 @@ def generate(
     ids, mask = left_pad(prompts, pad, device)  # (N, L)
     L = ids.shape[1]
     cache = KVCache(model.config, N, L + max_new_tokens, dtype, device)
-    h = model(ids, attention_mask=mask, cache=cache, return_hidden=True)[:, -1]  # (N, H)
-    logits = decode.output_logits(h, model.lm_head_weight)  # (N, V) float32
+    last_logits = lambda h, w: decode.output_logits(h[:, -1], w)  # (rows, V) float32, inside forward (FSDP)
+    logits = model(ids, attention_mask=mask, cache=cache, head=last_logits)  # (N, V)
 
     # copy each prompt's cache into its G rows: rows [i*G, (i+1)*G) <- prompt i
     expand = torch.arange(N, device=device).repeat_interleave(G)
@@ -559,7 +565,7 @@ def generate(
     logits, mask = logits[expand], mask[expand]
     attn = torch.cat([mask, torch.zeros(rows, max_new_tokens, dtype=mask.dtype, device=device)], 1)
 
-    u = row_uniforms(seed, rows, max_new_tokens).to(device)  # (rows, steps)
+    u = row_uniforms(seed, rows, max_new_tokens, first_row).to(device)  # (rows, steps)
     out_ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
     out_mask = torch.zeros((rows, max_new_tokens), device=device)
     out_logp = torch.zeros((rows, max_new_tokens), device=device)
@@ -581,8 +587,7 @@ def generate(
             if stops is not None:
                 stops.select_rows(keep)
         attn[:, L + t] = 1
-        h = model(tok[:, None], attention_mask=attn[:, : L + t + 1], cache=cache, return_hidden=True)[:, -1]
-        logits = decode.output_logits(h, model.lm_head_weight)  # (B_active, V) float32
+        logits = model(tok[:, None], attention_mask=attn[:, : L + t + 1], cache=cache, head=last_logits)
     return out_ids, out_mask, out_logp * out_mask
 
 
@@ -651,20 +656,21 @@ def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temper
     # positions after the longest completion of this micro-batch are padding: causal attention lets us cut them
     M = max(1, int(comp_mask.sum(1).max().item()))
     comp_ids, comp_mask = comp_ids[:, :M], comp_mask[:, :M]
+    labels = comp_ids.masked_fill(comp_mask == 0, -100).reshape(-1)  # ignored rows give 0 and no gradient
+    # the log-probs are taken inside forward, where a sharded (FSDP) model holds its gathered output weight
+    logprobs = lambda hidden, w: fused_linear_logprobs(hidden.reshape(R * M, -1), w, labels, temperature=temperature,
+                                                       return_entropy=return_entropy)
     if share_prompt:
         ids, pos, mask, index = pack_groups(prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu())
-        hidden = model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       return_hidden=True)  # (P, S, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]  # (R, M, H)
+        index = index.to(device)
+        out = model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                    head=lambda h, w: logprobs(h.reshape(-1, h.shape[-1])[index], w))  # h (P, S, H) -> (R, M, H)
     else:
         p_ids, p_mask = left_pad(prompts, 0, device)  # (P, L)
         L = p_ids.shape[1]
         attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)  # (R, L + M)
         ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]  # (R, L + M - 1)
-        hidden = model(ids, attention_mask=attn[:, :-1], return_hidden=True)[:, L - 1 :]  # (R, M, H)
-    labels = comp_ids.masked_fill(comp_mask == 0, -100)  # ignored rows give 0 and no gradient
-    out = fused_linear_logprobs(hidden.reshape(R * M, -1), model.lm_head_weight, labels.reshape(-1),
-                                temperature=temperature, return_entropy=return_entropy)
+        out = model(ids, attention_mask=attn[:, :-1], head=lambda h, w: logprobs(h[:, L - 1 :], w))  # (R, M, H)
     pad = lambda x: F.pad(x.view(R, M), (0, M_full - M))  # back to (R, M_full)
     if return_entropy:
         return pad(out[0]), pad(out[1])
