@@ -176,7 +176,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 # ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table ------------------
 
 STAGE_DEFAULTS = {0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),   # one gold each
-                  1: dict(steps=40, batch_prompts=4, group_size=8, temperature=0.7, lr=2e-5),
+                  1: dict(steps=8, batch_prompts=4, group_size=8, temperature=0.7, lr=1e-5),   # short: unlearns refusal
                   2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0, lr=2e-5)}  # samples wider
 
 

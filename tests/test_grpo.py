@@ -553,7 +553,7 @@ def test_stage_defaults_and_explicit_flags():
         with pytest.raises(SystemExit):
             grpo.parse_args(bad)
     one, two = grpo.parse_args(["--stage", "1"]), grpo.parse_args(["--stage", "2"])
-    assert (one.steps, one.batch_prompts, one.group_size, one.temperature) == (40, 4, 8, 0.7)
+    assert (one.steps, one.batch_prompts, one.group_size, one.temperature, one.lr) == (8, 4, 8, 0.7, 1e-5)
     assert (two.steps, two.batch_prompts, two.group_size, two.temperature) == (30, 2, 16, 1.0)
     assert one.batch_prompts * one.group_size == two.batch_prompts * two.group_size  # same completions per step
     given = grpo.parse_args(["--stage", "2", "--group-size", "4", "--temperature", "0.5"])
