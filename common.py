@@ -521,13 +521,12 @@ RUNTIME_BYTES = 0.5e9  # the Python process, torch's libraries, the tokenizer an
 
 
 def model_numels(hf, lora_rank=0):
-    """-> (parameters, trained parameters) of a config.json dict, counted on a model built on the meta device."""
+    """-> (parameters, adapters included; trained parameters) of a config.json dict, counted on the meta device."""
     with torch.device("meta"):
         m = Transformer(ModelConfig.from_hf(hf))
-        total = sum(p.numel() for p in m.parameters())
         if lora_rank:
             add_lora(m, lora_rank, 1.0)
-    return total, sum(p.numel() for p in m.parameters() if p.requires_grad) if lora_rank else total
+    return sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 def memory_plan(hf, cfg, world=1) -> dict:

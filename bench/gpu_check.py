@@ -84,13 +84,15 @@ def check_kernels(device, dtype, N=64, H=96, V=1000, T=0.8):
     return {f"kernel_{k}_{str(dtype)[6:]}": dict(value=v, tol=TOL[dtype], passed=v < TOL[dtype]) for k, v in out.items()}
 
 
-def random_model(hf, device, dtype=torch.float32, seed=0):
+def random_model(hf, device, dtype=torch.float32, seed=0, embed_std=None):
+    """embed_std: the tiny model's checks want sharp logits (0.3); sampling wants them flat (0.02), else every
+    completion repeats one token and a group's rewards are all equal."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_hf(hf))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.02 if "embed" not in name else 0.3 if hf is TINY else 0.02)
+                p.normal_(0, 0.02 if "embed" not in name else embed_std or (0.3 if hf is TINY else 0.02))
     return model.to(device, dtype)
 
 
@@ -163,7 +165,7 @@ def grpo_bench(device, hf, prompts, prompt_len, G, new_tokens, steps):
     """A few GRPO steps of a random model in bf16 with fp32 masters: sampling, then policy_update."""
     cfg = grpo.Config(dtype="bfloat16", group_size=G, max_new_tokens=new_tokens, micro_batch=G, lr=1e-5,
                       warmup_steps=0)
-    model = random_model(hf, device)
+    model = random_model(hf, device, embed_std=0.02)
     common.keep_master_weights(model, torch.bfloat16)
     optimizer = common.with_master_weights(model, grpo.make_optimizer(common.trained_parameters(model), cfg))
     P = sum(p.numel() for p in model.parameters())
