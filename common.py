@@ -4,7 +4,8 @@
   1. processes   torchrun's environment -> (rank, world, device); sums and gathers across ranks
   2. memory      hand memory the C allocator still holds back to the OS before each forward and backward
   3. weights     which weights a stage starts from; the policy and the frozen reference
-  4. checkpoints the Hugging Face layout plus trainer_state.pt, written atomically; the run's log files
+  4. checkpoints the Hugging Face layout, trainer_state.pt and each rank's optimizer state, written atomically;
+                 the run's log files
   5. precision   bf16 compute with fp32 master weights; FSDP2 sharding across processes
   6. memory plan what each rank will hold, from the model's config, checked before loading
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -73,6 +76,7 @@ def setup_distributed(seed=0):
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        keep_large_blocks_mapped()
     return rank, world, device
 
 
@@ -171,6 +175,17 @@ def release_freed_memory():
         _malloc_trim(0)
 
 
+def keep_large_blocks_mapped(threshold=128 * 1024):
+    """glibc's mallopt(M_MMAP_THRESHOLD): blocks from 128 KiB up mapped, and unmapped when freed. Left to itself
+    glibc raises the threshold (to 32 MB at most) each time a mapped block is freed, after which FSDP2's gathered
+    blocks and unsharded gradients (14 MB a block on the built-in model), allocated and freed in every forward
+    and backward, come from its heaps and stay resident (docs/EXPERIMENTS.md, FSDP2 peak memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD in malloc.h
+    except (OSError, AttributeError):
+        pass  # no glibc: its allocator is not this one
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Weights
 
@@ -256,27 +271,28 @@ def load_run_models(cfg, ckpt, device, log=print):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Checkpoints: Hugging Face layout + trainer_state.pt (plain tensors, dicts, lists: torch.load weights_only=True)
+# + the optimizer state, one safetensors file per rank
 
 
 def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg):
     """Write <out>/checkpoint atomically: into a temporary directory, then renamed. A crash mid-save leaves the
-    previous checkpoint (as checkpoint/ or, between the two renames, checkpoint.old/) intact. Every rank calls it
-    (under FSDP the weights and the optimizer state are gathered to rank 0); rank 0 writes."""
+    previous checkpoint (as checkpoint/ or, between the two renames, checkpoint.old/) intact. Every rank calls it:
+    the weights are gathered to rank 0, which writes them; each rank writes its own part of the optimizer state."""
     out = Path(out)
-    final, tmp, old = out / "checkpoint", out / f"checkpoint.tmp-{os.getpid()}", out / "checkpoint.old"
+    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     weights = full_state_dict(model)  # fp32 masters, adapters unmerged
-    if isinstance(model, FSDPModule):  # keyed by parameter name, so it loads on any number of ranks
-        opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                        cpu_offload=True))
-    else:
-        opt_state = optimizer.state_dict()
-    if distributed() and dist.get_rank() != 0:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_file(optimizer_shards(model, optimizer), str(tmp / f"optimizer-{rank:05d}-of-{world:05d}.safetensors"))
+    barrier()
+    if rank != 0:
         return final
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer, state=merge_lora(model, weights))
     state = {
         "step": step, "opt_step": opt_step, "data_pos": list(data_pos),
-        "optimizer": opt_state,
         "rng_torch": torch.get_rng_state(),
         "rng_python": random.getstate(),
         "lora": {n: t for n, t in weights.items() if "lora_" in n},
@@ -289,6 +305,28 @@ def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, 
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def optimizer_shards(model, optimizer):
+    """{"<parameter>.<exp_avg|exp_avg_sq|step>": this rank's part}: under FSDP its dim-0 shard, so no rank ever
+    holds the whole optimizer state (a full gather would put 8 bytes per parameter on rank 0: 64 GB for 8B)."""
+    return {f"{n}.{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            for n, p in named_trained_parameters(model) for k, v in optimizer.state[p].items()}
+
+
+def restore_optimizer(ckpt, model, optimizer):
+    """The AdamW state from the optimizer-*-of-N files of a run over N ranks, onto this run's ranks (any number):
+    each tensor put together from its N dim-0 shards, then cut to this rank's shard, one tensor at a time."""
+    files = [safe_open(str(f), framework="pt") for f in sorted(Path(ckpt).glob("optimizer-*-of-*.safetensors"))]
+    for n, p in named_trained_parameters(model):
+        state = {}
+        for k in [key[len(n) + 1:] for key in files[0].keys() if key.rsplit(".", 1)[0] == n]:
+            parts = [f.get_tensor(f"{n}.{k}") for f in files]
+            full = parts[0] if parts[0].dim() == 0 else torch.cat(parts)  # a step count is the same on every rank
+            if isinstance(p, DTensor) and full.dim() > 0:
+                full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            state[k] = full.to(p.device)
+        optimizer.state[p] = state
 
 
 def checkpoint_to_resume(cfg, log=print):
@@ -320,7 +358,9 @@ def restore_trainer_state(ckpt, model, optimizer, log=print):
             named[n].copy_(t)
             if n in masters:
                 masters[n].copy_(t)
-    if isinstance(model, FSDPModule):
+    if "optimizer" not in state:
+        restore_optimizer(ckpt, model, optimizer)
+    elif isinstance(model, FSDPModule):  # a checkpoint written before 2026-12-02 (the whole state in this file)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -406,11 +446,15 @@ def _add_to_master(master, p):
     p.grad = None
 
 
-def trained_parameters(model):
-    """What the optimizer steps: the fp32 masters when the model keeps them, else the trained parameters (under
-    FSDP their fp32 shards)."""
+def named_trained_parameters(model):
+    """What the optimizer steps, by name: the fp32 masters when the model keeps them, else the trained parameters
+    (under FSDP their fp32 shards)."""
     masters = getattr(model, "masters", None)
-    return list(masters.values()) if masters else [p for p in model.parameters() if p.requires_grad]
+    return list(masters.items()) if masters else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trained_parameters(model):
+    return [p for _, p in named_trained_parameters(model)]
 
 
 def with_master_weights(model, optimizer):
