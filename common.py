@@ -317,7 +317,10 @@ def optimizer_shards(model, optimizer):
 def restore_optimizer(ckpt, model, optimizer):
     """The AdamW state from the optimizer-*-of-N files of a run over N ranks, onto this run's ranks (any number):
     each tensor put together from its N dim-0 shards, then cut to this rank's shard, one tensor at a time."""
-    files = [safe_open(str(f), framework="pt") for f in sorted(Path(ckpt).glob("optimizer-*-of-*.safetensors"))]
+    paths = sorted(Path(ckpt).glob("optimizer-*-of-*.safetensors"))
+    if not paths or len(paths) != int(paths[0].stem.rsplit("-", 1)[1]):
+        raise ModelError(f"{ckpt}: {len(paths)} optimizer-R-of-N.safetensors files, not N: an incomplete checkpoint")
+    files = [safe_open(str(f), framework="pt") for f in paths]
     for n, p in named_trained_parameters(model):
         state = {}
         for k in [key[len(n) + 1:] for key in files[0].keys() if key.rsplit(".", 1)[0] == n]:

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -612,11 +614,16 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
     done = tmp_path / "done"
     (done / "checkpoint").mkdir(parents=True)
     tiny_model().save_pretrained(done / "checkpoint")
+    cut = tmp_path / "cut"   # a checkpoint whose optimizer files are missing
+    shutil.copytree(tiny_dir, cut / "checkpoint")
+    torch.save(dict(step=1, opt_step=1, data_pos=[0, 2], rng_torch=torch.get_rng_state(), rng_python=random.getstate(),
+                    lora={}, config={}), cut / "checkpoint" / "trainer_state.pt")
     cases = [(tmp_path / "out", ["--ref", str(tmp_path / "nope"), "--beta", "0.1"], "nope: model directory not found"),
              (tmp_path / "out", ["--data", str(tmp_path / "nope.json")], "nope.json: no such file"),
              (tmp_path / "out", ["--ref", str(small), "--beta", "0.1"], "its vocabulary has 64 tokens"),
              (tmp_path / "out", ["--max-prompt-tokens", "100"], "more than max_prompt_tokens=100"),
-             (done, [], "holds an earlier run: pass --resume")]
+             (done, [], "holds an earlier run: pass --resume"),
+             (cut, ["--resume"], "0 optimizer-R-of-N.safetensors files, not N")]
     for out, extra, expected in cases:
         with pytest.raises(SystemExit) as exc:
             grpo.cli(run_args(tiny_dir, out, "--steps", "1", *extra))
