@@ -2,7 +2,8 @@
 
   0. flags       grpo.Config's fields -> argparse (as nanoGPT's configurator.py: the defaults stay in grpo.py)
   1. processes   torchrun's environment -> (rank, world, device); sums and gathers across ranks
-  2. memory      hand memory the C allocator still holds back to the OS before each forward and backward
+  2. memory      hand memory the C allocator still holds back to the OS before each forward and backward; under
+                 torchrun, large blocks mapped so that freeing them returns them
   3. weights     which weights a stage starts from; the policy and the frozen reference
   4. checkpoints the Hugging Face layout, trainer_state.pt and each rank's optimizer state, written atomically;
                  the run's log files
@@ -24,8 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -157,33 +157,37 @@ def sync_gradients(params):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Memory
 
-_malloc_trim = None
+_libc = None
+
+
+def glibc():
+    """-> glibc (ctypes), or False where there is none (macOS, musl): the memory calls below are then no-ops."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _libc = False
+    return _libc
 
 
 def release_freed_memory():
-    """Give memory that was freed but is still held by the C allocator back to the OS: glibc's malloc_trim(0), a
-    no-op where there is no glibc. glibc serves blocks below its mmap threshold (every activation and cache tensor of
-    a small model) from heaps it keeps, and a heap only shrinks from its top, so freed blocks between live ones stay
-    resident and the next forward only partly reuses them (effect measured in bench/README-vs-trl.md)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False  # no glibc (macOS, musl): nothing to do
-    if _malloc_trim:
-        _malloc_trim(0)
+    """Give memory that was freed but is still held by the C allocator back to the OS: glibc's malloc_trim(0). glibc
+    serves blocks below its mmap threshold (every activation and cache tensor of a small model) from heaps it keeps,
+    and a heap only shrinks from its top, so freed blocks between live ones stay resident and the next forward only
+    partly reuses them (effect measured in bench/README-vs-trl.md)."""
+    if glibc():
+        glibc().malloc_trim(0)
 
 
 def keep_large_blocks_mapped(threshold=128 * 1024):
     """glibc's mallopt(M_MMAP_THRESHOLD): blocks from 128 KiB up mapped, and unmapped when freed. Left to itself
-    glibc raises the threshold (to 32 MB at most) each time a mapped block is freed, after which FSDP2's gathered
-    blocks and unsharded gradients (14 MB a block on the built-in model), allocated and freed in every forward
-    and backward, come from its heaps and stay resident (docs/EXPERIMENTS.md, FSDP2 peak memory)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD in malloc.h
-    except (OSError, AttributeError):
-        pass  # no glibc: its allocator is not this one
+    glibc raises the threshold (to 32 MB at most) each time a mapped block is freed; FSDP2's gathered blocks and
+    unsharded gradients, allocated and freed in every forward and backward, then come from its heaps and stay
+    resident (docs/EXPERIMENTS.md, FSDP2 peak memory)."""
+    if glibc():
+        glibc().mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD in malloc.h
 
 
 # ----------------------------------------------------------------------------------------------------------------
