@@ -4,11 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train stage0 stage1 stage2 test bench gpu-check help
+.PHONY: setup train stage0 stage1 stage2 test lint format bench gpu-check help
 
 help:
 	@echo "make train   - the recipe on the built-in model and task: warm-up, then GRPO stages 1 and 2 (grpo.py --stage 0|1|2)"
 	@echo "make test    - run the test suite (sets everything up first)"
+	@echo "make lint    - ruff: the formatting and the rule set of ruff.toml (CI runs it); make format applies them"
 	@echo "make bench   - run the benchmarks under bench/"
 	@echo "make gpu-check - on a CUDA machine: kernels and model on CUDA, the 7B log-prob kernel, bf16 GRPO steps"
 
@@ -38,6 +39,14 @@ train: stage0 stage1 stage2
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: setup
 	$(BIN)/python bench/generate.py

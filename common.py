@@ -1,15 +1,16 @@
 """The plumbing grpo.py shares across its stages, kept out of the training loop so the loop reads as the algorithm:
 
-  0. flags       grpo.Config's fields -> argparse (as nanoGPT's configurator.py: the defaults stay in grpo.py)
-  1. processes   torchrun's environment -> (rank, world, device); sums and gathers across ranks
-  2. memory      hand memory the C allocator still holds back to the OS before each forward and backward; under
-                 torchrun, large blocks mapped so that freeing them returns them
-  3. weights     which weights a stage starts from; the policy and the frozen reference
-  4. checkpoints the Hugging Face layout, trainer_state.pt and each rank's optimizer state, written atomically;
-                 the run's log files
-  5. precision   bf16 compute with fp32 master weights; FSDP2 sharding across processes
-  6. memory plan what each rank will hold, from the model's config, checked before loading
+0. flags       grpo.Config's fields -> argparse (as nanoGPT's configurator.py: the defaults stay in grpo.py)
+1. processes   torchrun's environment -> (rank, world, device); sums and gathers across ranks
+2. memory      hand memory the C allocator still holds back to the OS before each forward and backward; under
+               torchrun, large blocks mapped so that freeing them returns them
+3. weights     which weights a stage starts from; the policy and the frozen reference
+4. checkpoints the Hugging Face layout, trainer_state.pt and each rank's optimizer state, written atomically;
+               the run's log files
+5. precision   bf16 compute with fp32 master weights; FSDP2 sharding across processes
+6. memory plan what each rank will hold, from the model's config, checked before loading
 """
+
 import argparse
 import contextlib
 import ctypes
@@ -25,12 +26,24 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import ModelConfig, ModelError, Transformer, add_lora, load_tokenizer, read_json, resolve_model_path
+from model import (
+    ModelConfig,
+    ModelError,
+    Transformer,
+    add_lora,
+    load_tokenizer,
+    read_json,
+    resolve_model_path,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 0. Flags: one per field of the config dataclass, its help from the field's metadata
@@ -54,8 +67,13 @@ def config_parser(config_cls, stage_defaults, description):
         elif isinstance(f.default, bool):
             p.add_argument(name, action="store_true", help=text)
         else:
-            p.add_argument(name, type=type(f.default) if f.default is not None else str, default=f.default,
-                           help=text if f.default is None else f"{text} (default: {f.default})", **options)
+            p.add_argument(
+                name,
+                type=type(f.default) if f.default is not None else str,
+                default=f.default,
+                help=text if f.default is None else f"{text} (default: {f.default})",
+                **options,
+            )
     return p
 
 
@@ -113,8 +131,10 @@ class StepMetrics:
 
     def __init__(self, keys):
         self.keys = list(keys)
-        self.sign = torch.tensor([1.0 if k.endswith("max") else -1.0 if k.endswith("/min") else 0.0 for k in keys],
-                                 dtype=torch.float64)  # +1 max, -1 min (the max of the negated values), 0 mean
+        self.sign = torch.tensor(
+            [1.0 if k.endswith("max") else -1.0 if k.endswith("/min") else 0.0 for k in keys],
+            dtype=torch.float64,
+        )  # +1 max, -1 min (the max of the negated values), 0 mean
         self.sums = torch.zeros(len(keys), dtype=torch.float64)
         self.extremes = torch.full((len(keys),), -math.inf, dtype=torch.float64)
 
@@ -239,9 +259,13 @@ def load_models(cfg, weights, init, device):
     elif cfg.beta > 0:
         reference = Transformer.from_pretrained(cfg.ref or init, dtype=dtype, device=device)
         reference.eval().requires_grad_(False)
-        if reference.config.vocab_size != policy.config.vocab_size:  # log-probs of the same ids must mean the same
-            raise ModelError(f"--ref {cfg.ref}: its vocabulary has {reference.config.vocab_size} tokens, the "
-                             f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer")
+        if (
+            reference.config.vocab_size != policy.config.vocab_size
+        ):  # log-probs of the same ids must mean the same
+            raise ModelError(
+                f"--ref {cfg.ref}: its vocabulary has {reference.config.vocab_size} tokens, the "
+                f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer"
+            )
     if cfg.grad_checkpoint:
         policy.gradient_checkpointing = True
     if distributed():
@@ -266,10 +290,12 @@ def load_run_models(cfg, ckpt, device, log=print):
     check_fit(plan, device)  # before any weight is loaded
     policy, reference = load_models(cfg, weights, init, device)
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    log(f"[model] {weights}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
+    log(
+        f"[model] {weights}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
         f"{trained / 1e6:.2f}M trained ({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}), "
         f"reference: {'none (beta = 0)' if cfg.beta == 0 else 'adapters off' if cfg.lora_rank else cfg.ref or init}"
-        f"; {world} process(es) on {device}{', FSDP2' if world > 1 else ''}, {cfg.dtype}")
+        f"; {world} process(es) on {device}{', FSDP2' if world > 1 else ''}, {cfg.dtype}"
+    )
     return policy, reference, load_tokenizer(ckpt or init), init
 
 
@@ -290,7 +316,9 @@ def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_file(optimizer_shards(model, optimizer), str(tmp / f"optimizer-{rank:05d}-of-{world:05d}.safetensors"))
+    save_file(
+        optimizer_shards(model, optimizer), str(tmp / f"optimizer-{rank:05d}-of-{world:05d}.safetensors")
+    )
     barrier()
     if rank != 0:
         return final
@@ -314,8 +342,11 @@ def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, 
 def optimizer_shards(model, optimizer):
     """{"<parameter>.<exp_avg|exp_avg_sq|step>": this rank's part}: under FSDP its dim-0 shard, so no rank ever
     holds the whole optimizer state (a full gather would put 8 bytes per parameter on rank 0: 64 GB for 8B)."""
-    return {f"{n}.{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-            for n, p in named_trained_parameters(model) for k, v in optimizer.state[p].items()}
+    return {
+        f"{n}.{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+        for n, p in named_trained_parameters(model)
+        for k, v in optimizer.state[p].items()
+    }
 
 
 def restore_optimizer(ckpt, model, optimizer):
@@ -323,13 +354,17 @@ def restore_optimizer(ckpt, model, optimizer):
     each tensor put together from its N dim-0 shards, then cut to this rank's shard, one tensor at a time."""
     paths = sorted(Path(ckpt).glob("optimizer-*-of-*.safetensors"))
     if not paths or len(paths) != int(paths[0].stem.rsplit("-", 1)[1]):
-        raise ModelError(f"{ckpt}: {len(paths)} optimizer-R-of-N.safetensors files, not N: an incomplete checkpoint")
+        raise ModelError(
+            f"{ckpt}: {len(paths)} optimizer-R-of-N.safetensors files, not N: an incomplete checkpoint"
+        )
     files = [safe_open(str(f), framework="pt") for f in paths]
     for n, p in named_trained_parameters(model):
         state = {}
-        for k in [key[len(n) + 1:] for key in files[0].keys() if key.rsplit(".", 1)[0] == n]:
+        for k in [key[len(n) + 1 :] for key in files[0].keys() if key.rsplit(".", 1)[0] == n]:
             parts = [f.get_tensor(f"{n}.{k}") for f in files]
-            full = parts[0] if parts[0].dim() == 0 else torch.cat(parts)  # a step count is the same on every rank
+            full = (
+                parts[0] if parts[0].dim() == 0 else torch.cat(parts)
+            )  # a step count is the same on every rank
             if isinstance(p, DTensor) and full.dim() > 0:
                 full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
             state[k] = full.to(p.device)
@@ -341,8 +376,10 @@ def checkpoint_to_resume(cfg, log=print):
     interrupted run is never overwritten silently."""
     ckpt = find_checkpoint(cfg.out)
     if ckpt is not None and not cfg.resume:
-        raise FileExistsError(f"{ckpt} holds an earlier run: pass --resume to continue it, or choose another --out "
-                              "(or delete it) to start over")
+        raise FileExistsError(
+            f"{ckpt} holds an earlier run: pass --resume to continue it, or choose another --out "
+            "(or delete it) to start over"
+        )
     if cfg.resume and ckpt is None:
         log(f"[resume] no checkpoint in {cfg.out}: starting from the beginning")
     return ckpt
@@ -367,12 +404,18 @@ def restore_trainer_state(ckpt, model, optimizer, log=print):
                 masters[n].copy_(t)
     if "optimizer" not in state:
         restore_optimizer(ckpt, model, optimizer)
-    elif isinstance(model, FSDPModule):  # a checkpoint written before 2026-12-02 (the whole state in this file)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    elif isinstance(
+        model, FSDPModule
+    ):  # a checkpoint written before 2026-12-02 (the whole state in this file)
+        set_optimizer_state_dict(
+            model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
     else:
         optimizer.load_state_dict(state["optimizer"])
-    log(f"[resume] {ckpt}: continuing at step {state['step']} (optimizer step {state['opt_step']}, data position "
-        f"{state['data_pos']})")
+    log(
+        f"[resume] {ckpt}: continuing at step {state['step']} (optimizer step {state['opt_step']}, data position "
+        f"{state['data_pos']})"
+    )
     return state["step"], state["opt_step"], list(state["data_pos"])
 
 
@@ -399,23 +442,43 @@ def open_run_logs(out, step, config):
 def gather_rollout(batch):
     """The numbers of every completion of the global batch, in rank order, as eval.batch_metrics takes them."""
     keys = sorted(batch["components"][0])
-    parts = dict(rewards=batch["rewards"].double(), truncated=batch["truncated"].long(),
-                 answerable=batch["answerable"].long(), lengths=batch["comp_mask"].sum(1).double(),
-                 components=torch.tensor([[float(c.get(k, 0.0)) for k in keys] for c in batch["components"]],
-                                         dtype=torch.float64))
+    parts = dict(
+        rewards=batch["rewards"].double(),
+        truncated=batch["truncated"].long(),
+        answerable=batch["answerable"].long(),
+        lengths=batch["comp_mask"].sum(1).double(),
+        components=torch.tensor(
+            [[float(c.get(k, 0.0)) for k in keys] for c in batch["components"]], dtype=torch.float64
+        ),
+    )
     g = {name: all_gather_cat(x) for name, x in parts.items()}
-    return dict(rewards=g["rewards"], lengths=g["lengths"], truncated=g["truncated"].bool(),
-                answerable=g["answerable"].bool(), components=dict(zip(keys, g["components"].T)))
+    return dict(
+        rewards=g["rewards"],
+        lengths=g["lengths"],
+        truncated=g["truncated"].bool(),
+        answerable=g["answerable"].bool(),
+        components=dict(zip(keys, g["components"].T)),
+    )
 
 
 def log_samples(path, step, batch, records, advantages, n, group_size):
     """n completions of this step, spread over the groups, with their rewards, to samples.jsonl."""
     R = len(batch["texts"])
     rows = [r * max(1, R // max(1, n)) % R for r in range(min(n, R))]
-    append_jsonl(path, [dict(step=step, record=records[row // group_size].id,
-                             completion=batch["prefills"][row // group_size] + batch["texts"][row],
-                             reward=batch["rewards"][row].item(), advantage=advantages[row].item(),
-                             components=batch["components"][row]) for row in rows])
+    append_jsonl(
+        path,
+        [
+            dict(
+                step=step,
+                record=records[row // group_size].id,
+                completion=batch["prefills"][row // group_size] + batch["texts"][row],
+                reward=batch["rewards"][row].item(),
+                advantage=advantages[row].item(),
+                components=batch["components"][row],
+            )
+            for row in rows
+        ],
+    )
 
 
 def append_jsonl(path, rows):
@@ -457,7 +520,9 @@ def named_trained_parameters(model):
     """What the optimizer steps, by name: the fp32 masters when the model keeps them, else the trained parameters
     (under FSDP their fp32 shards)."""
     masters = getattr(model, "masters", None)
-    return list(masters.items()) if masters else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return (
+        list(masters.items()) if masters else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    )
 
 
 def trained_parameters(model):
@@ -523,7 +588,9 @@ def sampling_weights(model):
     finally:
         for m in sharded:
             m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root stays gathered
+            m.set_reshard_after_forward(
+                m is not model, recurse=False
+            )  # FSDP's default: the root stays gathered
         model.train()
 
 
@@ -594,7 +661,9 @@ def memory_plan(hf, cfg, world=1) -> dict:
     prompts = min(-(-mb // cfg.group_size) + 1, cfg.batch_prompts)  # a group may straddle two micro-batches
     S = cfg.max_prompt_tokens + min(cfg.group_size, mb) * cfg.max_new_tokens  # one packed sequence
     tokens = mb * cfg.max_new_tokens + prompts * cfg.max_prompt_tokens  # every prompt budgeted at its maximum
-    kept = 4 * c.hidden_size + 2 * q + 2 * kv + 2 * c.intermediate_size  # what autograd keeps per token and layer
+    kept = (
+        4 * c.hidden_size + 2 * q + 2 * kv + 2 * c.intermediate_size
+    )  # what autograd keeps per token and layer
     layers_kept = 1 if cfg.grad_checkpoint else c.num_hidden_layers
     plan = dict(
         weights=(Pt * (b if single_bf16 else 4) + (P - Pt) * b) / n,
@@ -605,8 +674,10 @@ def memory_plan(hf, cfg, world=1) -> dict:
         kv_cache=2 * c.num_hidden_layers * kv * rows * seq * b,
         sampling_logits=3 * rows * c.vocab_size * 4,
         gradients=Pt * 4 / n,
-        activations=tokens * (kept * layers_kept + (c.hidden_size * c.num_hidden_layers if cfg.grad_checkpoint else 0))
-        * b + prompts * S * S * (b + 1),  # + the packed masks (P, 1, S, S), boolean and additive
+        activations=tokens
+        * (kept * layers_kept + (c.hidden_size * c.num_hidden_layers if cfg.grad_checkpoint else 0))
+        * b
+        + prompts * S * S * (b + 1),  # + the packed masks (P, 1, S, S), boolean and additive
         runtime=RUNTIME_BYTES,
     )
     persistent = sum(plan[k] for k in ("weights", "masters", "optimizer", "reference", "runtime"))
@@ -625,25 +696,34 @@ def device_bytes(device):
         return torch.cuda.get_device_properties(device).total_memory
     try:
         meminfo = Path("/proc/meminfo").read_text()
-        return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+        return (
+            int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")))
+            * 1024
+        )
     except (OSError, StopIteration, ValueError):
         return None
 
 
 def format_plan(plan, cfg, world):
     gb = lambda k: f"{plan[k] / 1e9:.2f}"
-    what = f"{'FSDP2 over ' + str(world) if world > 1 else '1 process'}, {cfg.dtype}, " \
-           f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}"
-    return [f"[memory] plan per rank ({what}; GB): weights {gb('weights')}, fp32 masters {gb('masters')}, "
-            f"optimizer {gb('optimizer')}, reference {gb('reference')}, runtime {gb('runtime')}; sampling: gathered "
-            f"weights {gb('sampling_gathered')}, KV cache {gb('kv_cache')}, logits {gb('sampling_logits')}; "
-            f"training: gradients {gb('gradients')}, activations ~{gb('activations')} -> peak ~{gb('peak')} GB"]
+    what = (
+        f"{'FSDP2 over ' + str(world) if world > 1 else '1 process'}, {cfg.dtype}, "
+        f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}"
+    )
+    return [
+        f"[memory] plan per rank ({what}; GB): weights {gb('weights')}, fp32 masters {gb('masters')}, "
+        f"optimizer {gb('optimizer')}, reference {gb('reference')}, runtime {gb('runtime')}; sampling: gathered "
+        f"weights {gb('sampling_gathered')}, KV cache {gb('kv_cache')}, logits {gb('sampling_logits')}; "
+        f"training: gradients {gb('gradients')}, activations ~{gb('activations')} -> peak ~{gb('peak')} GB"
+    ]
 
 
 def check_fit(plan, device, available=None):
     """A one-line error when the plan clearly cannot fit: its peak above what the device has."""
     available = available if available is not None else device_bytes(device)
     if available is not None and plan["peak"] > available:
-        raise ModelError(f"the memory plan needs ~{plan['peak'] / 1e9:.1f} GB per rank, more than the "
-                         f"{available / 1e9:.1f} GB {torch.device(device).type} has: try --lora-rank, more "
-                         f"processes (FSDP2), --dtype bfloat16, --grad-checkpoint or a smaller --micro-batch")
+        raise ModelError(
+            f"the memory plan needs ~{plan['peak'] / 1e9:.1f} GB per rank, more than the "
+            f"{available / 1e9:.1f} GB {torch.device(device).type} has: try --lora-rank, more "
+            f"processes (FSDP2), --dtype bfloat16, --grad-checkpoint or a smaller --micro-batch"
+        )

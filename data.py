@@ -32,7 +32,9 @@ class Record:
     answerable: bool  # some document has a non-zero answers_found
     source: str  # "asqa" | "qampari" | "eli5" | "synthetic"
     is_list: bool = False  # list questions (QAMPARI): statements are comma-separated items
-    meta: dict = field(default_factory=dict)  # extra facts (the synthetic task's question type, evidence docs)
+    meta: dict = field(
+        default_factory=dict
+    )  # extra facts (the synthetic task's question type, evidence docs)
 
 
 class DataError(ValueError):
@@ -129,7 +131,9 @@ def fill_answers_found(docs: list[dict], answers: list[list[str]]):
     for d in docs:
         if d["answers_found"] is None:
             text = normalize_answer(f"{d['title']} {d['text']}")
-            d["answers_found"] = [int(any(contains_phrase(text, normalize_answer(a)) for a in g)) for g in answers]
+            d["answers_found"] = [
+                int(any(contains_phrase(text, normalize_answer(a)) for a in g)) for g in answers
+            ]
 
 
 def parse_record(raw, where: str, path: Path) -> Record:
@@ -178,22 +182,72 @@ def load_records(path, skip_bad: bool = False) -> list[Record]:
 # name belongs to exactly one split (a hash of the name), so train and eval never share an entity, and the facts
 # are drawn fresh for every question: nothing can be memorized, everything must be read.
 
-SYLLABLES = ("ka", "lo", "ve", "ri", "ta", "mo", "su", "de", "ni", "pa", "ro", "fe", "ga", "zu", "be", "ti", "ha",
-             "mi", "no", "sa", "ku", "le", "vo", "dra", "sel", "tor", "vin", "bar", "quel", "osk")
+SYLLABLES = (
+    "ka",
+    "lo",
+    "ve",
+    "ri",
+    "ta",
+    "mo",
+    "su",
+    "de",
+    "ni",
+    "pa",
+    "ro",
+    "fe",
+    "ga",
+    "zu",
+    "be",
+    "ti",
+    "ha",
+    "mi",
+    "no",
+    "sa",
+    "ku",
+    "le",
+    "vo",
+    "dra",
+    "sel",
+    "tor",
+    "vin",
+    "bar",
+    "quel",
+    "osk",
+)
 
 # kind: (name pattern, attribute, value range, document sentence patterns)
 KINDS = {
-    "lake": ("Lake {}", "depth", (8, 950), ("{name} has a depth of {v} meters.", "{name} is {v} meters deep.")),
-    "mountain": ("Mount {}", "height", (1200, 8800), ("{name} has a height of {v} meters.",
-                                                      "{name} is {v} meters high.")),
-    "river": ("{} River", "length", (15, 4900), ("{name} has a length of {v} kilometers.",
-                                                  "{name} is {v} kilometers long.")),
-    "city": ("{}", "founding year", (1050, 1990), ("{name} was founded in {v}.", "{name} is a city founded in {v}.")),
+    "lake": (
+        "Lake {}",
+        "depth",
+        (8, 950),
+        ("{name} has a depth of {v} meters.", "{name} is {v} meters deep."),
+    ),
+    "mountain": (
+        "Mount {}",
+        "height",
+        (1200, 8800),
+        ("{name} has a height of {v} meters.", "{name} is {v} meters high."),
+    ),
+    "river": (
+        "{} River",
+        "length",
+        (15, 4900),
+        ("{name} has a length of {v} kilometers.", "{name} is {v} kilometers long."),
+    ),
+    "city": (
+        "{}",
+        "founding year",
+        (1050, 1990),
+        ("{name} was founded in {v}.", "{name} is a city founded in {v}."),
+    ),
 }
 # Two-hop bridge: a city that lies next to a lake, mountain or river (the document carries no number).
-BRIDGE = {"lake": ("{city} is a city on the shore of {name}.", "the lake next to {city}"),
-          "mountain": ("{city} is a city at the foot of {name}.", "the mountain next to {city}"),
-          "river": ("{city} is a city on the banks of {name}.", "the river next to {city}")}
+BRIDGE = {
+    "lake": ("{city} is a city on the shore of {name}.", "the lake next to {city}"),
+    "mountain": ("{city} is a city at the foot of {name}.", "the mountain next to {city}"),
+    "river": ("{city} is a city on the banks of {name}.", "the river next to {city}"),
+}
 EVAL_SHARE = 5  # one name in 5 belongs to the eval split
 
 
@@ -204,8 +258,13 @@ def name_split(base: str) -> str:
 def base_names(split: str) -> list[str]:
     """All two- and three-syllable names of one split, sorted (so the list is the same on every machine)."""
     names = {(a + b).capitalize() for a in SYLLABLES for b in SYLLABLES if a != b}
-    names |= {(a + b + c).capitalize() for a in SYLLABLES[:12] for b in SYLLABLES[:12] for c in SYLLABLES[:12]
-              if len({a, b, c}) == 3}
+    names |= {
+        (a + b + c).capitalize()
+        for a in SYLLABLES[:12]
+        for b in SYLLABLES[:12]
+        for c in SYLLABLES[:12]
+        if len({a, b, c}) == 3
+    }
     return sorted(n for n in names if name_split(n) == split)
 
 
@@ -215,8 +274,9 @@ def fact_doc(rng: random.Random, kind: str, base: str, value: int) -> dict:
     return {"title": name, "text": rng.choice(sentences).format(name=name, v=value)}
 
 
-def synthetic_record(rng: random.Random, names: list[str], rid: str, answerable: bool, two_hop: bool,
-                     k: int = 5) -> Record:
+def synthetic_record(
+    rng: random.Random, names: list[str], rid: str, answerable: bool, two_hop: bool, k: int = 5
+) -> Record:
     """One question with k documents (see the comment above)."""
     kind = rng.choice(["lake", "mountain", "river"] if two_hop else list(KINDS))
     pattern, attribute, (lo, hi), _ = KINDS[kind]
@@ -249,7 +309,12 @@ def synthetic_record(rng: random.Random, names: list[str], rid: str, answerable:
         d["answers_found"] = [int(contains_phrase(normalize_answer(f"{d['title']} {d['text']}"), gold))]
     evidence_ids = [i + 1 for i, d in enumerate(docs) if d["answers_found"][0]]
     assert answerable == bool(evidence_ids), (rid, docs)
-    meta = {"two_hop": two_hop, "evidence": evidence_ids, "target": pattern.format(target), "attribute": attribute}
+    meta = {
+        "two_hop": two_hop,
+        "evidence": evidence_ids,
+        "target": pattern.format(target),
+        "attribute": attribute,
+    }
     return Record(rid, question, answers, docs, answerable, "synthetic", is_list=False, meta=meta)
 
 
@@ -263,8 +328,13 @@ def random_distractor(rng: random.Random, base: str, kinds: list[str], used: set
     return fact_doc(rng, kind, base, v)
 
 
-def synthetic_records(split: str = "train", n: int = 1000, seed: int = 0, two_hop_share: float = 0.2,
-                      unanswerable_share: float = 0.5) -> list[Record]:
+def synthetic_records(
+    split: str = "train",
+    n: int = 1000,
+    seed: int = 0,
+    two_hop_share: float = 0.2,
+    unanswerable_share: float = 0.5,
+) -> list[Record]:
     """n seeded records of the built-in task. About `unanswerable_share` of them have the evidence removed and
     `two_hop_share` need two documents. Same (split, n, seed) -> same records."""
     if split not in ("train", "eval"):
@@ -288,9 +358,10 @@ def entities(record: Record) -> set[str]:
 # Choosing data
 
 
-def load_data(spec: str, split: str = "train", n: int | None = None, seed: int = 0,
-              skip_bad: bool = False) -> list[Record]:
-    """"builtin" -> the synthetic task (n records of `split`; default 1000 train / 200 eval); otherwise a JSON /
+def load_data(
+    spec: str, split: str = "train", n: int | None = None, seed: int = 0, skip_bad: bool = False
+) -> list[Record]:
+    """ "builtin" -> the synthetic task (n records of `split`; default 1000 train / 200 eval); otherwise a JSON /
     JSONL file, or a directory whose .json / .jsonl files are all read (`split` is then ignored: pass the eval
     file as the spec). n keeps the first n records."""
     if spec == "builtin":
@@ -321,8 +392,10 @@ def stage_records(records: list[Record], stage: int, seed: int = 0) -> list[Reco
         return pos
     if stage in (0, 2):
         if not pos or not neg:
-            raise DataError(f"stage {stage} needs answerable and unanswerable records; the data has {len(pos)} "
-                            f"answerable and {len(neg)} unanswerable")
+            raise DataError(
+                f"stage {stage} needs answerable and unanswerable records; the data has {len(pos)} "
+                f"answerable and {len(neg)} unanswerable"
+            )
         m = min(len(pos), len(neg))
         mix = rng.sample(pos, m) + rng.sample(neg, m)
         rng.shuffle(mix)
@@ -347,21 +420,30 @@ INSTRUCTION = (
     "tone. Always cite for any factual claim. When citing several search results, use [1][2][3]. Cite at least one "
     "document and at most three documents in each sentence. If multiple documents support the sentence, only cite "
     f"a minimum sufficient subset of the documents. {_REFUSE} Do not add further explanation as to why an answer "
-    "cannot be provided, just state the response above as-is.")
+    "cannot be provided, just state the response above as-is."
+)
 LIST_INSTRUCTION = (
     "Instruction: Provide a list of accurate answers for the given question using only the provided search results "
     "(some of which might be irrelevant) and cite them properly. Always cite one and only one document for each "
     "answer. Separate answers by commas. For questions that have more than 5 answers, write at least 5 answers. "
     f"{_REFUSE} Do not add further explanation as to why an answer cannot be provided, just state the response "
-    "above as-is.")
+    "above as-is."
+)
 SYNTHETIC_INSTRUCTION = (
     "Instruction: Answer the question in one sentence using only the provided search results and cite the "
-    f"document that contains the answer, like [2]. {_REFUSE}")
-INSTRUCTIONS = {"asqa": INSTRUCTION, "eli5": INSTRUCTION, "qampari": LIST_INSTRUCTION,
-                "synthetic": SYNTHETIC_INSTRUCTION}
+    f"document that contains the answer, like [2]. {_REFUSE}"
+)
+INSTRUCTIONS = {
+    "asqa": INSTRUCTION,
+    "eli5": INSTRUCTION,
+    "qampari": LIST_INSTRUCTION,
+    "synthetic": SYNTHETIC_INSTRUCTION,
+}
 # The paper does not publish its GRPO system prompt: one short sentence asks for the format.
-FORMAT_SENTENCE = ("First think inside <think> </think>, then write only the final answer with its citation inside "
-                   "<answer> </answer>.")
+FORMAT_SENTENCE = (
+    "First think inside <think> </think>, then write only the final answer with its citation inside "
+    "<answer> </answer>."
+)
 PREFILL = "<think>"
 STOP_STRINGS = ["</answer>"]  # the model keeps writing after its answer block: the sampler stops a row there
 
@@ -373,25 +455,34 @@ STOP_STRINGS = ["</answer>"]  # the model keeps writing after its answer block: 
 EXAMPLE = dict(
     question="What is the height of Mount Ashgrove?",
     evidence=("Mount Ashgrove", "Mount Ashgrove has a height of 2310 meters."),
-    distractors=[("Mount Pellor", "Mount Pellor has a height of 4075 meters."),
-                 ("Lake Quenby", "Lake Quenby has a depth of 61 meters.")],
+    distractors=[
+        ("Mount Pellor", "Mount Pellor has a height of 4075 meters."),
+        ("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
+    ],
     answer="<think>The question asks about Mount Ashgrove. Mount Ashgrove is in Document [{K}].</think>"
-           "<answer>2310 meters [{K}].</answer>")
+    "<answer>2310 meters [{K}].</answer>",
+)
 LIST_EXAMPLE = dict(
     question="Which rivers flow into Lake Quenby?",
-    docs=[("Arle River", "The Arle River flows into Lake Quenby."),
-          ("Brisk River", "The Brisk River flows into Lake Quenby.")],
+    docs=[
+        ("Arle River", "The Arle River flows into Lake Quenby."),
+        ("Brisk River", "The Brisk River flows into Lake Quenby."),
+    ],
     answer="<think>Documents [1] and [2] name rivers that flow into Lake Quenby.</think><answer>Arle River [1], "
-           "Brisk River [2]</answer>")
+    "Brisk River [2]</answer>",
+)
 
 # The refusal example (training_prompt shows it in both stages and in eval.py): without it the untrained model
 # never writes the refusal sentence, so the refusal reward would have nothing to reinforce.
 REFUSAL_EXAMPLE = dict(
     question="What is the depth of Lake Varrow?",
-    docs=[("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
-          ("Mount Pellor", "Mount Pellor has a height of 4075 meters.")],
+    docs=[
+        ("Lake Quenby", "Lake Quenby has a depth of 61 meters."),
+        ("Mount Pellor", "Mount Pellor has a height of 4075 meters."),
+    ],
     answer=f"<think>The question asks about Lake Varrow. No document is about Lake Varrow.</think>"
-           f"<answer>{REFUSAL_SENTENCE}</answer>")
+    f"<answer>{REFUSAL_SENTENCE}</answer>",
+)
 
 
 def fill(template: str, values: dict) -> str:
@@ -418,8 +509,13 @@ def worked_example(record: Record) -> dict:
     return dict(question=EXAMPLE["question"], docs=docs, answer=fill(EXAMPLE["answer"], {"K": k + 1}))
 
 
-def render_user(record: Record, texts: list[str], instruction: str, worked_example_shown: bool,
-                refusal_example: bool = False) -> str:
+def render_user(
+    record: Record,
+    texts: list[str],
+    instruction: str,
+    worked_example_shown: bool,
+    refusal_example: bool = False,
+) -> str:
     """The one user turn: the instruction, optional worked examples, then the question and its documents."""
     target = render_demo(record.question, [(d["title"], t) for d, t in zip(record.docs, texts)], "")
     examples = []
@@ -439,8 +535,14 @@ def chat_ids(tokenizer, user: str) -> list[int]:
     return tokenizer(text + PREFILL, add_special_tokens=False)["input_ids"]
 
 
-def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worked_example: bool = True,
-                 instruction: str | None = None, refusal_example: bool = False) -> tuple[list[int], str]:
+def build_prompt(
+    record: Record,
+    tokenizer,
+    max_prompt_tokens: int = 1024,
+    worked_example: bool = True,
+    instruction: str | None = None,
+    refusal_example: bool = False,
+) -> tuple[list[int], str]:
     """(prompt_ids, prefill): the chat-templated prompt, ending inside the assistant turn with `prefill`
     ("<think>") already in it; score prefill + decoded completion. The system message is the one format sentence.
     worked_example adds a short cited example (tags and citation shown: the 135M model writes neither without
@@ -465,9 +567,11 @@ def build_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024, worke
         if cap == 0:
             break
         over += len(ids) - max_prompt_tokens
-    raise DataError(f"record {record.id}: field question: the prompt needs {len(ids)} tokens with document texts "
-                    f"cut to {cap} tokens, more than max_prompt_tokens={max_prompt_tokens} (the question, "
-                    "instruction and examples are never cut)")
+    raise DataError(
+        f"record {record.id}: field question: the prompt needs {len(ids)} tokens with document texts "
+        f"cut to {cap} tokens, more than max_prompt_tokens={max_prompt_tokens} (the question, "
+        "instruction and examples are never cut)"
+    )
 
 
 def water_level(lengths: list[int], remove: int) -> int:
@@ -479,12 +583,15 @@ def water_level(lengths: list[int], remove: int) -> int:
     return 0
 
 
-def training_prompt(record: Record, tokenizer, max_prompt_tokens: int = 1024,
-                    examples: bool = False) -> tuple[list[int], str]:
+def training_prompt(
+    record: Record, tokenizer, max_prompt_tokens: int = 1024, examples: bool = False
+) -> tuple[list[int], str]:
     """(prompt_ids, prefill) of one record: the same prompt in every stage and in eval.py. The warm-up teaches the
     format, so by default the prompt holds no examples (less than half the tokens); examples=True adds the worked
     and the refusal example, which a model that skipped the warm-up needs to write the format at all."""
-    return build_prompt(record, tokenizer, max_prompt_tokens, worked_example=examples, refusal_example=examples)
+    return build_prompt(
+        record, tokenizer, max_prompt_tokens, worked_example=examples, refusal_example=examples
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,7 +605,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def next_records(records: list[Record], pos: list[int], count: int, seed: int) -> tuple[list[Record], list[int]]:
+def next_records(
+    records: list[Record], pos: list[int], count: int, seed: int
+) -> tuple[list[Record], list[int]]:
     """Take `count` records from position pos = [epoch, index]; returns (records, new pos)."""
     epoch, idx = pos
     out = []
@@ -525,27 +634,38 @@ def gold_completion(record: Record) -> str:
     if record.source == "synthetic":
         target, docs = record.meta["target"], record.docs
         think = f"The question asks about {record.question.split(' of ', 1)[1].rstrip('?')}."
-        if record.meta["two_hop"]:   # the bridge document names the target: "<city> is a city on the shore of X."
+        if record.meta[
+            "two_hop"
+        ]:  # the bridge document names the target: "<city> is a city on the shore of X."
             bridge = next(i for i, d in enumerate(docs, 1) if d["text"].endswith(f" {target}."))
             think += f" Document [{bridge}] says it is {target}."
         if not record.answerable:
             return f"{think} No document is about {target}.</think><answer>{REFUSAL_SENTENCE}</answer>"
         k = record.meta["evidence"][0]
-        return (f"{think} {target} is in Document [{k}].</think>"
-                f"<answer>{docs[k - 1]['text'].rstrip('.')} [{k}].</answer>")
+        return (
+            f"{think} {target} is in Document [{k}].</think>"
+            f"<answer>{docs[k - 1]['text'].rstrip('.')} [{k}].</answer>"
+        )
     parts, stated = [], set()
     for g, aliases in enumerate(record.answers):
         docs = [i for i, d in enumerate(record.docs, 1) if d["answers_found"][g]]
-        if docs and g not in stated:   # a group an earlier statement already holds ("8" in "season 8") is not repeated
+        if (
+            docs and g not in stated
+        ):  # a group an earlier statement already holds ("8" in "season 8") is not repeated
             # an alias the statement splitter keeps whole ("H. H. Asquith" is cut at its periods), else the first
-            alias = next((a for a in aliases if len(split_statements(a + ".", record.is_list)) == 1), aliases[0])
+            alias = next(
+                (a for a in aliases if len(split_statements(a + ".", record.is_list)) == 1), aliases[0]
+            )
             parts.append((f"{alias.rstrip('.')} [{docs[0]}]", docs[0]))
             stated.update(matched_groups(alias, record.answers))
     if not parts:
         return f"No document answers the question.</think><answer>{REFUSAL_SENTENCE}</answer>"
     cited = [f"[{k}]" for k in sorted({k for _, k in parts})]
-    think = (f"Document {cited[0]} answers" if len(cited) == 1 else
-             f"Documents {', '.join(cited[:-1])} and {cited[-1]} answer") + " the question."
+    think = (
+        f"Document {cited[0]} answers"
+        if len(cited) == 1
+        else f"Documents {', '.join(cited[:-1])} and {cited[-1]} answer"
+    ) + " the question."
     answer = ", ".join(p for p, _ in parts) if record.is_list else " ".join(p + "." for p, _ in parts)
     return f"{think}</think><answer>{answer}</answer>"
 

@@ -47,12 +47,14 @@ from rewards import (
 # rewards.partial_ratio works on 0-1.
 REFUSAL_FLAG = "I apologize, but I couldn't find an answer"
 REFUSAL_THRESHOLD = 0.85
-MAX_CITATIONS = 3          # at most the first 3 citations of a statement are counted
-QAMPARI_TOP_K = 5          # QAMPARI recall saturates at 5 correct items
-CLAIM_SOURCES = ("eli5", "expertqa")   # gold "answers" are claim sentences that need an entailment judge
+MAX_CITATIONS = 3  # at most the first 3 citations of a statement are counted
+QAMPARI_TOP_K = 5  # QAMPARI recall saturates at 5 correct items
+CLAIM_SOURCES = ("eli5", "expertqa")  # gold "answers" are claim sentences that need an entailment judge
 
-CITATION_NOTE = ("citation support judged by this project's rule (answers_found / substring), not by NLI; "
-                 "a statement containing no gold answer counts as unsupported")
+CITATION_NOTE = (
+    "citation support judged by this project's rule (answers_found / substring), not by NLI; "
+    "a statement containing no gold answer counts as unsupported"
+)
 
 # -----------------------------------------------------------------------------
 # 1. Rules: refusal, entailment judge, which documents cover which gold group
@@ -68,13 +70,17 @@ def is_refused(answer):
 
 
 # Function words ignored by the lexical judge: a claim is about its content words.
-STOPWORDS = set("""a an the and or but if of to in on at by for with from as into than then so such that this these
+STOPWORDS = set(
+    """a an the and or but if of to in on at by for with from as into than then so such that this these
 those it its is are was were be been being do does did has have had not no can could will would should may might
 must they them their there he she his her we our you your i me my what which who whom whose when where why how
-also more most very some any all each many much other only own same about over under up down out""".split())
+also more most very some any all each many much other only own same about over under up down out""".split()
+)
 LEXICAL_THRESHOLD = 0.6
-LEXICAL_JUDGE_NAME = (f"lexical approximation (a claim counts as entailed when >= {LEXICAL_THRESHOLD:.0%} of its "
-                      f"content words occur in the text), not an NLI model")
+LEXICAL_JUDGE_NAME = (
+    f"lexical approximation (a claim counts as entailed when >= {LEXICAL_THRESHOLD:.0%} of its "
+    f"content words occur in the text), not an NLI model"
+)
 
 
 def lexical_judge(premise, hypothesis):
@@ -115,7 +121,7 @@ def contains_group(record, text, group, judge):
         return entailed(judge, text, record.answers[group][0])
     norm = normalize_answer(text)
     aliases = (normalize_answer(a) for a in record.answers[group])
-    return any(a and a in norm for a in aliases)   # an alias that normalizes to "" would match everything
+    return any(a and a in norm for a in aliases)  # an alias that normalizes to "" would match everything
 
 
 def document_coverage(record, judge):
@@ -129,7 +135,7 @@ def document_coverage(record, judge):
         else:
             text = f"{doc.get('title', '')} {doc.get('text', '')}"
             covers.append([int(contains_group(record, text, g, judge)) for g in range(n_groups)])
-    return covers   # (k docs, G groups)
+    return covers  # (k docs, G groups)
 
 
 def answer_text(prediction):
@@ -137,6 +143,7 @@ def answer_text(prediction):
     prediction = prediction or ""
     answer = extract_answer(prediction)
     return prediction if answer is None else answer
+
 
 # -----------------------------------------------------------------------------
 # 2. Per-question scores
@@ -183,7 +190,7 @@ def citation_scores(record, answer, covers, judge):
     for statement in statements:
         cites = parse_citations(statement)
         if not cites or any(not 1 <= c <= k for c in cites):
-            continue   # uncited or out of range: unsupported, and its citations are not counted
+            continue  # uncited or out of range: unsupported, and its citations are not counted
         docs = [c - 1 for c in cites[:MAX_CITATIONS]]
         n_citations += len(docs)
         text = remove_citations(statement)
@@ -195,10 +202,12 @@ def citation_scores(record, answer, covers, judge):
             n_precise += 1
             continue
         for i, d in enumerate(docs):
-            others = docs[:i] + docs[i + 1:]
+            others = docs[:i] + docs[i + 1 :]
             alone = supports(covers, [d], groups)
             others_suffice = supports(covers, others, groups)
-            shares_group = any(covers[d][g] and any(covers[o][g] for o in others) for g in range(len(record.answers)))
+            shares_group = any(
+                covers[d][g] and any(covers[o][g] for o in others) for g in range(len(record.answers))
+            )
             n_precise += int(alone or not others_suffice or shares_group)
     recall = n_supported / len(statements) if statements else 0.0
     precision = n_precise / n_citations if n_citations else 0.0
@@ -212,14 +221,22 @@ def score_question(record, prediction, judge=lexical_judge):
     supported = [int(any(col)) for col in zip(*covers)] if covers else [0] * len(record.answers)
     answerable = any(supported)
     refused = is_refused(answer)
-    row = dict(answerable=answerable, refused=refused, correctness=0.0,
-               citation_recall=None, citation_precision=None, n_statements=0, n_citations=0)
+    row = dict(
+        answerable=answerable,
+        refused=refused,
+        correctness=0.0,
+        citation_recall=None,
+        citation_precision=None,
+        n_statements=0,
+        n_citations=0,
+    )
     if answerable and not refused:
         row["correctness"] = correctness(record, answer, supported, judge)
     if not refused:
         rec, prec, n_st, n_cit = citation_scores(record, answer, covers, judge)
         row.update(citation_recall=rec, citation_precision=prec, n_statements=n_st, n_citations=n_cit)
     return row
+
 
 # -----------------------------------------------------------------------------
 # 3. Dataset-level Trust-Score
@@ -231,7 +248,7 @@ def mean(xs):
 
 
 def ratio(num, den):
-    return num / den if den else 0.0   # an empty denominator gives 0
+    return num / den if den else 0.0  # an empty denominator gives 0
 
 
 def harmonic_mean(a, b):
@@ -262,11 +279,19 @@ def aggregate(rows):
     )
     s["TRUST"] = (s["F1_AC"] + s["F1_GR"] + s["F1_GC"]) / 3
     s.update(
-        n=n, n_answered=len(answered), n_answerable=len(answerable),
-        refusal_precision=100 * refusal_p, refusal_recall=100 * refusal_r, refusal_f1=100 * f1(refusal_p, refusal_r),
-        answer_precision=100 * answer_p, answer_recall=100 * answer_r, answer_f1=100 * f1(answer_p, answer_r),
-        AC_answered=100 * ac_answered, AC_answerable=100 * ac_answerable,
-        citation_recall=100 * cit_recall, citation_precision=100 * cit_precision,
+        n=n,
+        n_answered=len(answered),
+        n_answerable=len(answerable),
+        refusal_precision=100 * refusal_p,
+        refusal_recall=100 * refusal_r,
+        refusal_f1=100 * f1(refusal_p, refusal_r),
+        answer_precision=100 * answer_p,
+        answer_recall=100 * answer_r,
+        answer_f1=100 * f1(answer_p, answer_r),
+        AC_answered=100 * ac_answered,
+        AC_answerable=100 * ac_answerable,
+        citation_recall=100 * cit_recall,
+        citation_precision=100 * cit_precision,
     )
     return s
 
@@ -287,7 +312,9 @@ def trust_score(records, predictions, judge=None):
     scores = aggregate(score_all(records, predictions, judge))
     notes = [CITATION_NOTE]
     if any(is_claim_record(r) for r in records):
-        name = LEXICAL_JUDGE_NAME if judge is None else f"user judge {getattr(judge, '__name__', repr(judge))}"
+        name = (
+            LEXICAL_JUDGE_NAME if judge is None else f"user judge {getattr(judge, '__name__', repr(judge))}"
+        )
         notes.append(f"claims judged by {name}")
     scores["notes"] = notes
     return scores
@@ -302,14 +329,27 @@ def reward_summary(records, predictions):
         stage2_reward=mean(total for total, _ in parts),
     )
 
+
 # -----------------------------------------------------------------------------
 # 4. The CLI: generate (or read) predictions, score them, write the run; compare two runs; plot a training run
 
 METRICS = ("TRUST", "AR", "F1_AC", "F1_GR", "F1_GC")
-DETAILS = ("AC_answered", "AC_answerable", "refusal_precision", "refusal_recall", "refusal_f1",
-           "answer_precision", "answer_recall", "answer_f1", "citation_recall", "citation_precision",
-           "format_compliance", "tag_count", "stage2_reward")
-PREDICTION_KEYS = ("text", "prediction", "output", "completion")   # first present key is the completion
+DETAILS = (
+    "AC_answered",
+    "AC_answerable",
+    "refusal_precision",
+    "refusal_recall",
+    "refusal_f1",
+    "answer_precision",
+    "answer_recall",
+    "answer_f1",
+    "citation_recall",
+    "citation_precision",
+    "format_compliance",
+    "tag_count",
+    "stage2_reward",
+)
+PREDICTION_KEYS = ("text", "prediction", "output", "completion")  # first present key is the completion
 
 
 def fail(message):
@@ -320,11 +360,18 @@ def fail(message):
 def load_eval_records(spec, n=None):
     """Records of --data (a file, a directory of them, or 'builtin' -> the synthetic eval split), the first n."""
     from data import load_data
+
     if spec != "builtin" and not Path(spec).exists():
         fail(f"--data {spec}: no such file")
     try:
         records = load_data(spec, split="eval", n=n)
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:   # data.DataError is a ValueError
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        UnicodeDecodeError,
+    ) as e:  # data.DataError is a ValueError
         fail(f"--data {spec}: {e}".splitlines()[0])
     if not records:
         fail(f"--data {spec}: no records")
@@ -372,7 +419,7 @@ def load_predictions(path, records):
         except json.JSONDecodeError as e:
             fail(f"--predictions {path}: not JSON ({e.msg}, line {e.lineno})")
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
-            rows = rows["data"]   # an ALCE / Trust-Score result file: {"args": ..., "data": [{..., "output"}]}
+            rows = rows["data"]  # an ALCE / Trust-Score result file: {"args": ..., "data": [{..., "output"}]}
         if not isinstance(rows, list):
             fail(f"--predictions {path}: expected a JSON list (or an object with a 'data' list)")
     else:
@@ -388,15 +435,17 @@ def load_predictions(path, records):
         return texts
     if len(rows) < len(records):
         fail(f"--predictions {path}: {len(rows)} predictions for {len(records)} records (and no 'id' field)")
-    return [prediction_text(r, f"{path}:{i}") for i, r in enumerate(rows[:len(records)], 1)]
+    return [prediction_text(r, f"{path}:{i}") for i, r in enumerate(rows[: len(records)], 1)]
 
 
 def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, seed=0, examples=False):
     """Greedy completions with the KV-cached sampler, batched by prompt length. -> list of dicts per record."""
     import torch
     from tqdm import tqdm
+
     import model as M
     from data import STOP_STRINGS, training_prompt
+
     try:
         path = M.resolve_model_path(model_name)
         tokenizer = M.load_tokenizer(path)
@@ -405,24 +454,39 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
         fail(f"--model {model_name}: {e}".splitlines()[0])
     try:
         # the training prompt for every model, so runs compare fairly
-        prompts = [training_prompt(r, tokenizer, examples=examples) for r in records]   # (prompt_ids, prefill) each
-    except ValueError as e:                                          # data.DataError: a prompt over the budget
+        prompts = [
+            training_prompt(r, tokenizer, examples=examples) for r in records
+        ]  # (prompt_ids, prefill) each
+    except ValueError as e:  # data.DataError: a prompt over the budget
         fail(str(e).splitlines()[0])
-    order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))   # similar lengths: little padding
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))  # similar lengths: little padding
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
     out = [None] * len(records)
     with torch.no_grad(), tqdm(total=len(records), desc="generating", unit="question") as bar:
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            ids, mask, _ = M.generate(net, [prompts[i][0] for i in rows], group_size=1,
-                                      max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=(eos,),
-                                      seed=seed, stop_strings=STOP_STRINGS, tokenizer=tokenizer)
-            for r, i in enumerate(rows):                              # ids, mask: (len(rows), max_new_tokens)
+            rows = order[start : start + batch_size]
+            ids, mask, _ = M.generate(
+                net,
+                [prompts[i][0] for i in rows],
+                group_size=1,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                eos_token_ids=(eos,),
+                seed=seed,
+                stop_strings=STOP_STRINGS,
+                tokenizer=tokenizer,
+            )
+            for r, i in enumerate(rows):  # ids, mask: (len(rows), max_new_tokens)
                 n_tokens = int(mask[r].sum())
                 completion = tokenizer.decode(ids[r, :n_tokens].tolist(), skip_special_tokens=True)
                 prefill = prompts[i][1]
-                out[i] = dict(prefill=prefill, completion=completion, text=prefill + completion,
-                              n_tokens=n_tokens, prompt_tokens=len(prompts[i][0]))
+                out[i] = dict(
+                    prefill=prefill,
+                    completion=completion,
+                    text=prefill + completion,
+                    n_tokens=n_tokens,
+                    prompt_tokens=len(prompts[i][0]),
+                )
             bar.update(len(rows))
     return out
 
@@ -433,12 +497,13 @@ def evaluate(records, texts, judge=None):
     scores = trust_score(records, texts, judge)
     scores.update(reward_summary(records, texts))
     sources = sorted({r.source for r in records})
-    if len(sources) > 1:   # Trust-Score is a per-dataset score: a mixed run is also scored per source
+    if len(sources) > 1:  # Trust-Score is a per-dataset score: a mixed run is also scored per source
         scores["by_source"] = {}
         for src in sources:
             recs, txts = zip(*[(r, t) for r, t in zip(records, texts) if r.source == src])
-            scores["by_source"][src] = {k: v for k, v in trust_score(list(recs), list(txts), judge).items()
-                                        if k != "notes"}
+            scores["by_source"][src] = {
+                k: v for k, v in trust_score(list(recs), list(txts), judge).items() if k != "notes"
+            }
     return rows, scores
 
 
@@ -449,20 +514,36 @@ def fmt(x):
 def report_markdown(scores, examples=()):
     """A short human-readable report of one run (with a column per source when the data mixes datasets)."""
     by_source = scores.get("by_source", {})
-    lines = [f"# Evaluation: {scores.get('model', '?')} on {scores.get('data', '?')}", "",
-             f"{scores['n']} questions, {scores['n_answerable']} answerable, {scores['n_answered']} answered.", "",
-             "| metric | " + " | ".join(["all", *by_source]) + " |", "|---" * (2 + len(by_source)) + "|"]
+    lines = [
+        f"# Evaluation: {scores.get('model', '?')} on {scores.get('data', '?')}",
+        "",
+        f"{scores['n']} questions, {scores['n_answerable']} answerable, {scores['n_answered']} answered.",
+        "",
+        "| metric | " + " | ".join(["all", *by_source]) + " |",
+        "|---" * (2 + len(by_source)) + "|",
+    ]
     for k in METRICS + DETAILS:
         if k in scores:
             values = [scores[k]] + [by_source[src].get(k) for src in by_source]
             lines.append(f"| {k} | " + " | ".join(fmt(v) for v in values) + " |")
-    lines += ["", "TRUST = mean(F1_AC, F1_GR, F1_GC); all scores are percentages except tag_count and "
-              "stage2_reward (reward units). Definitions: docs/METHOD.md, Evaluation.", ""]
+    lines += [
+        "",
+        "TRUST = mean(F1_AC, F1_GR, F1_GC); all scores are percentages except tag_count and "
+        "stage2_reward (reward units). Definitions: docs/METHOD.md, Evaluation.",
+        "",
+    ]
     lines += [f"Note: {note}." for note in scores.get("notes", [])]
     for ex in examples:
-        lines += ["", f"## {ex['id']}: {ex['question']}", "", "```", ex["text"].strip(), "```",
-                  f"answerable={ex['answerable']} refused={ex['refused']} correctness={ex['correctness']:.2f} "
-                  f"citation_recall={fmt(ex['citation_recall'])} citation_precision={fmt(ex['citation_precision'])}"]
+        lines += [
+            "",
+            f"## {ex['id']}: {ex['question']}",
+            "",
+            "```",
+            ex["text"].strip(),
+            "```",
+            f"answerable={ex['answerable']} refused={ex['refused']} correctness={ex['correctness']:.2f} "
+            f"citation_recall={fmt(ex['citation_recall'])} citation_precision={fmt(ex['citation_precision'])}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -474,8 +555,15 @@ def write_run(out_dir, records, texts, rows, scores, generations=None):
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, (rec, text, row) in enumerate(zip(records, texts, rows)):
             reward, components = stage_reward(text, rec, 2)
-            line = dict(id=rec.id, question=rec.question, **(generations[i] if generations else {"text": text}),
-                        answer=answer_text(text), **row, stage2_reward=reward, reward_components=components)
+            line = dict(
+                id=rec.id,
+                question=rec.question,
+                **(generations[i] if generations else {"text": text}),
+                answer=answer_text(text),
+                **row,
+                stage2_reward=reward,
+                reward_components=components,
+            )
             f.write(json.dumps(line) + "\n")
             if len(examples) < 3:
                 examples.append(line)
@@ -498,8 +586,12 @@ def load_scores(run):
 def compare_markdown(run_a, run_b):
     """Two runs' scores side by side, with the difference B - A."""
     a, b = load_scores(run_a), load_scores(run_b)
-    lines = [f"| metric | A: {a.get('model', run_a)} | B: {b.get('model', run_b)} | B - A |", "|---|---|---|---|",
-             f"| data | {a.get('data', '?')} | {b.get('data', '?')} | |", f"| n | {a.get('n')} | {b.get('n')} | |"]
+    lines = [
+        f"| metric | A: {a.get('model', run_a)} | B: {b.get('model', run_b)} | B - A |",
+        "|---|---|---|---|",
+        f"| data | {a.get('data', '?')} | {b.get('data', '?')} | |",
+        f"| n | {a.get('n')} | {b.get('n')} | |",
+    ]
     for k in METRICS + DETAILS:
         if k in a or k in b:
             va, vb = a.get(k), b.get(k)
@@ -508,18 +600,29 @@ def compare_markdown(run_a, run_b):
     return f"A = {run_a}, B = {run_b}\n\n" + "\n".join(lines) + "\n"
 
 
-REWARD_COMPONENTS = ("tag_count", "format", "em", "citation", "refusal")   # the summands of rewards.stage_reward
+REWARD_COMPONENTS = (
+    "tag_count",
+    "format",
+    "em",
+    "citation",
+    "refusal",
+)  # the summands of rewards.stage_reward
 
 
 def metric_panels(rows):
     """Group a training log's numeric keys into panels: reward, its components, KL, completion length.
     grpo.py logs reward_mean, reward/<component> (plus diagnostics such as reward/statements, left out here),
     kl, completion_len_mean / _min / _max."""
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys = sorted(
+        {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
     panels = {
         "reward": [k for k in keys if k in ("reward", "reward_mean")],
-        "reward components": [k for k in keys if k.partition("/")[0] in ("reward", "rewards")
-                              and k.partition("/")[2] in REWARD_COMPONENTS],
+        "reward components": [
+            k
+            for k in keys
+            if k.partition("/")[0] in ("reward", "rewards") and k.partition("/")[2] in REWARD_COMPONENTS
+        ],
         "KL": [k for k in keys if "kl" in k.lower()],
         "completion length": [k for k in keys if "len" in k.lower()],
     }
@@ -530,7 +633,8 @@ def plot_metrics(metrics_path, out_png):
     """A PNG of a training run's metrics.jsonl over steps. matplotlib is optional: imported only here."""
     try:
         import matplotlib
-        matplotlib.use("Agg")   # no display on a server
+
+        matplotlib.use("Agg")  # no display on a server
         import matplotlib.pyplot as plt
     except ImportError:
         fail("--plot needs matplotlib, which is optional: pip install matplotlib")
@@ -539,17 +643,26 @@ def plot_metrics(metrics_path, out_png):
     if not panels:
         fail(f"--plot {metrics_path}: nothing to plot (no reward, KL or length fields)")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
-    marker = "." if len(rows) < 50 else None   # short runs: show the points themselves
+    marker = "." if len(rows) < 50 else None  # short runs: show the points themselves
     for ax, (name, keys) in zip(axes[:, 0], panels.items()):
         for k in keys:
             pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.2, marker=marker)
-        if name == "reward" and "reward_mean" in keys:   # +- one std over the batch's completions
-            band = [(r.get("step", i), r["reward_mean"], r["reward_std"]) for i, r in enumerate(rows)
-                    if isinstance(r.get("reward_mean"), (int, float)) and isinstance(r.get("reward_std"), (int, float))]
+        if name == "reward" and "reward_mean" in keys:  # +- one std over the batch's completions
+            band = [
+                (r.get("step", i), r["reward_mean"], r["reward_std"])
+                for i, r in enumerate(rows)
+                if isinstance(r.get("reward_mean"), (int, float))
+                and isinstance(r.get("reward_std"), (int, float))
+            ]
             if band:
-                ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
-                                alpha=0.2, label="reward_std")
+                ax.fill_between(
+                    [b[0] for b in band],
+                    [b[1] - b[2] for b in band],
+                    [b[1] + b[2] for b in band],
+                    alpha=0.2,
+                    label="reward_std",
+                )
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -567,14 +680,26 @@ def parse_args(argv=None):
     p.add_argument("--data", default="builtin", help="ALCE / Trust-Score JSON or JSONL file, or 'builtin'")
     p.add_argument("--n", type=int, default=None, help="evaluate the first N records")
     p.add_argument("--out", default=None, help="output dir (default runs/eval/<data>__<model>)")
-    p.add_argument("--predictions", default=None, help="score this JSONL of completions instead of generating")
+    p.add_argument(
+        "--predictions", default=None, help="score this JSONL of completions instead of generating"
+    )
     p.add_argument("--judge", default=None, help="module:function entailment judge for ELI5 claims")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (greedy, KV-cached)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget; rows also stop at EOS and </answer>")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="completion budget; rows also stop at EOS and </answer>",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (greedy decoding does not use it)")
-    p.add_argument("--prompt-examples", action="store_true",
-                   help="the prompt of grpo.py --prompt-examples (a worked and a refusal example)")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' scores side by side")
+    p.add_argument(
+        "--prompt-examples",
+        action="store_true",
+        help="the prompt of grpo.py --prompt-examples (a worked and a refusal example)",
+    )
+    p.add_argument(
+        "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' scores side by side"
+    )
     p.add_argument("--plot", metavar="METRICS_JSONL", help="plot a training run's metrics.jsonl as a PNG")
     return p.parse_args(argv)
 
@@ -592,7 +717,11 @@ def main(argv=None):
         out = Path(args.out) / "metrics.png" if args.out else Path(args.plot).with_suffix(".png")
         print(f"wrote {plot_metrics(args.plot, out)}")
         return
-    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+    for flag, value in (
+        ("--n", args.n),
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
         if value is not None and value < 1:
             fail(f"{flag} must be at least 1, got {value}")
     judge = load_judge(args.judge) if args.judge else None
@@ -602,17 +731,23 @@ def main(argv=None):
         texts = load_predictions(args.predictions, records)
         model_name = args.model if args.model != "builtin" else f"predictions:{args.predictions}"
     else:
-        generations = generate_predictions(args.model, records, args.batch_size, args.max_new_tokens, args.seed,
-                                           args.prompt_examples)
+        generations = generate_predictions(
+            args.model, records, args.batch_size, args.max_new_tokens, args.seed, args.prompt_examples
+        )
         texts = [g["text"] for g in generations]
         model_name = args.model
     rows, scores = evaluate(records, texts, judge)
     scores = dict(model=model_name, data=args.data, **scores)
     if generations:
-        scores.update(decoding="greedy", max_new_tokens=args.max_new_tokens,
-                      mean_completion_tokens=mean(g["n_tokens"] for g in generations),
-                      share_at_max_tokens=100 * mean(g["n_tokens"] >= args.max_new_tokens for g in generations))
-    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.data).stem}__{Path(args.model).name}"
+        scores.update(
+            decoding="greedy",
+            max_new_tokens=args.max_new_tokens,
+            mean_completion_tokens=mean(g["n_tokens"] for g in generations),
+            share_at_max_tokens=100 * mean(g["n_tokens"] >= args.max_new_tokens for g in generations),
+        )
+    out = (
+        Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.data).stem}__{Path(args.model).name}"
+    )
     write_run(out, records, texts, rows, scores, generations)
     print(" ".join(f"{k}={scores[k]:.2f}" for k in METRICS + ("format_compliance", "stage2_reward")))
     for note in scores["notes"]:
@@ -639,9 +774,9 @@ def batch_metrics(lengths, rewards, components, truncated, answerable, G):
     }
     for k, v in components.items():
         m[f"reward/{k}"] = v.mean().item()
-    if "em" in components:        # share of completions whose answer holds a gold answer ("answer right")
+    if "em" in components:  # share of completions whose answer holds a gold answer ("answer right")
         m["answer_right"] = (components["em"] > 0).float().mean().item()
-    if "refused" in components:   # what stage 2 teaches: refuse the unanswerable, answer the answerable
+    if "refused" in components:  # what stage 2 teaches: refuse the unanswerable, answer the answerable
         for name, rows in (("refused_answerable", answerable), ("refused_unanswerable", ~answerable)):
             if rows.any():
                 m[name] = components["refused"][rows].mean().item()
@@ -655,25 +790,40 @@ def training_summary(stage, history, wall):
     first, last = history[0], history[-1]
     k = min(5, len(history))
     mean_of = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    lines = [f"GRPO stage {stage}: {len(history)} steps logged, wall time {wall / 60:.1f} min "
-             f"({wall / max(1, len(history)):.1f} s/step)",
-             f"{'':32s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
-             f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}"]
+    lines = [
+        f"GRPO stage {stage}: {len(history)} steps logged, wall time {wall / 60:.1f} min "
+        f"({wall / max(1, len(history)):.1f} s/step)",
+        f"{'':32s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
+        f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}",
+    ]
     # diagnostics present in every logged step (a stage-2 batch may lack one kind of question)
-    extra = [key for key in ("answer_right", "refused_answerable", "refused_unanswerable")
-             if all(key in row for row in history)]
-    keys = ["reward_mean"] + [key for key in first if key.startswith("reward/")] + extra + \
-        ["frac_reward_zero_std", "completion_len_mean", "clipped_share"] + \
-        [key for key in ("nll", "entropy") if all(key in row for row in history)]   # the warm-up's loss: nll
+    extra = [
+        key
+        for key in ("answer_right", "refused_answerable", "refused_unanswerable")
+        if all(key in row for row in history)
+    ]
+    keys = (
+        ["reward_mean"]
+        + [key for key in first if key.startswith("reward/")]
+        + extra
+        + ["frac_reward_zero_std", "completion_len_mean", "clipped_share"]
+        + [key for key in ("nll", "entropy") if all(key in row for row in history)]
+    )  # the warm-up's loss: nll
     for key in keys:
-        lines.append(f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
-                     f"{mean_of(history[-k:], key):12.3f}")
-    diff = "sampling/sampling_logp_difference/max"   # the sampler against the trainer: ~1e-6 in fp32, else a bug
+        lines.append(
+            f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
+            f"{mean_of(history[-k:], key):12.3f}"
+        )
+    diff = (
+        "sampling/sampling_logp_difference/max"  # the sampler against the trainer: ~1e-6 in fp32, else a bug
+    )
     if all(diff in row for row in history):
         worst = max(history, key=lambda row: row[diff])
         ratios = [row["sampling/importance_sampling_ratio/" + s] for row in history for s in ("min", "max")]
-        lines.append(f"sampler vs trainer log-probs: largest |difference| {worst[diff]:.2e} (step {worst['step']}), "
-                     f"importance ratios in [{min(ratios):.4f}, {max(ratios):.4f}]")
+        lines.append(
+            f"sampler vs trainer log-probs: largest |difference| {worst[diff]:.2e} (step {worst['step']}), "
+            f"importance ratios in [{min(ratios):.4f}, {max(ratios):.4f}]"
+        )
     return lines
 
 

@@ -21,6 +21,7 @@ and --drop-zero-std-groups leaves them out); entropy bonuses (not in the method,
 
 `grpo_loss` and `group_advantages` depend on torch only: copy them into other projects.
 """
+
 import contextlib
 import math
 import sys
@@ -32,23 +33,52 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import flag
 import rewards
-from data import (STOP_STRINGS, DataError, gold_completion, load_data, load_gold_completions, next_records,
-                  stage_records, training_prompt)
+from common import flag
+from data import (
+    STOP_STRINGS,
+    DataError,
+    gold_completion,
+    load_data,
+    load_gold_completions,
+    next_records,
+    stage_records,
+    training_prompt,
+)
 from eval import batch_metrics, training_summary
 from model import ModelError, adapters_off, completion_logprobs, eos_token_ids, generate, micro_batches
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: bounds ratios and KL so a wild token cannot overflow to inf / NaN
-SAMPLER_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",   # TRL's names
-                   "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
-                   "sampling/importance_sampling_ratio/max")
+SAMPLER_METRICS = (
+    "sampling/sampling_logp_difference/mean",
+    "sampling/sampling_logp_difference/max",  # TRL's names
+    "sampling/importance_sampling_ratio/min",
+    "sampling/importance_sampling_ratio/mean",
+    "sampling/importance_sampling_ratio/max",
+)
 
 # ---- The loss (torch only) -----------------------------------------------------------------------------------------
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3",
-              agg="token-mean", num_tokens=None, num_seqs=None, is_level="token", clip_ratio_c=None,
-              sampler_logp=None, tis_cap=None):
+
+def grpo_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    kl="k3",
+    agg="token-mean",
+    num_tokens=None,
+    num_seqs=None,
+    is_level="token",
+    clip_ratio_c=None,
+    sampler_logp=None,
+    tis_cap=None,
+):
     """Clipped GRPO surrogate with an optional KL penalty to a reference policy.
 
     logp       (B, T) log-probs of the completion tokens under the current policy (with grad)
@@ -71,19 +101,23 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
     Returns (loss scalar, metrics dict of detached scalar tensors, token-means over this batch's completion tokens).
     """
     mask = mask.to(logp.dtype)
-    old_logp = logp.detach() if old_logp is None else old_logp   # mu = 1: ratio = 1 in value, but not in gradient
-    A = advantages.to(logp.dtype).unsqueeze(1)        # (B, 1), broadcast over tokens
+    old_logp = (
+        logp.detach() if old_logp is None else old_logp
+    )  # mu = 1: ratio = 1 in value, but not in gradient
+    A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1), broadcast over tokens
 
     # ratio_t = exp(logp_t - old_logp_t), the log-ratio clamped so exp cannot overflow
-    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)    # (B, T)
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
     if is_level == "sequence":
         # GSPO: s_i = exp((1 / |o_i|) sum_t log_ratio_t), one ratio for all tokens of completion i
         log_ratio = (log_ratio * mask).sum(1, keepdim=True) / torch.clamp(mask.sum(1, keepdim=True), min=1.0)
     elif is_level != "token":
         raise ValueError(f"grpo_loss: is_level must be token or sequence, got {is_level!r}")
-    ratio = torch.exp(log_ratio)                                                   # (B, T), or (B, 1)
+    ratio = torch.exp(log_ratio)  # (B, T), or (B, 1)
     # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
-    surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A).expand_as(logp)
+    surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A).expand_as(
+        logp
+    )
     if clip_ratio_c is not None:
         if not clip_ratio_c > 1.0:
             raise ValueError(f"grpo_loss: clip_ratio_c must be > 1, got {clip_ratio_c}")
@@ -98,25 +132,28 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
             raise ValueError("grpo_loss: beta != 0 needs ref_logp")
         if kl not in ("k1", "k2", "k3"):
             raise ValueError(f"grpo_loss: kl must be k1, k2 or k3, got {kl!r}")
-        d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)       # (B, T)
+        d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
         kl_t = -d if kl == "k1" else 0.5 * d * d if kl == "k2" else torch.exp(d) - d - 1.0
 
     # loss_t = -(w_t * surrogate_t - beta * kl_t), w_t the truncated sampler weight (1 without tis_cap)
     weight, sampler_metrics = sampler_weights(old_logp, sampler_logp, mask, is_level, tis_cap)
-    per_token = -(surrogate - beta * kl_t) if tis_cap is None else -(weight * surrogate - beta * kl_t)   # (B, T)
+    per_token = (
+        -(surrogate - beta * kl_t) if tis_cap is None else -(weight * surrogate - beta * kl_t)
+    )  # (B, T)
 
     B, T = logp.shape
     n_seq = max(B if num_seqs is None else num_seqs, 1)
-    if agg == "token-mean":                  # sum_{i,t} mask * loss_t / (completion tokens of the whole step)
+    if agg == "token-mean":  # sum_{i,t} mask * loss_t / (completion tokens of the whole step)
         n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logp.dtype)
         loss = (per_token * mask).sum() / torch.clamp(n, min=1.0)
-    elif agg == "seq-mean-token-mean":       # (1 / num_seqs) sum_i [sum_t mask * loss_t / |o_i|], empty rows 0
+    elif agg == "seq-mean-token-mean":  # (1 / num_seqs) sum_i [sum_t mask * loss_t / |o_i|], empty rows 0
         loss = ((per_token * mask).sum(1) / torch.clamp(mask.sum(1), min=1.0)).sum() / n_seq
-    elif agg == "seq-mean-token-sum-norm":   # (1 / (num_seqs * T)) sum_{i,t} mask * loss_t: no length bias
+    elif agg == "seq-mean-token-sum-norm":  # (1 / (num_seqs * T)) sum_{i,t} mask * loss_t: no length bias
         loss = (per_token * mask).sum() / (n_seq * T)
     else:
-        raise ValueError(f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, "
-                         f"got {agg!r}")
+        raise ValueError(
+            f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {agg!r}"
+        )
 
     # Metrics: token-means over this batch's completion tokens. With mu = 1 the loss value is ~ -mean(A) ~ 0 by
     # construction, so the surrogate, the KL and the clip fractions are logged separately.
@@ -126,10 +163,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_hi
         # the clip is active (gradient zero) only on the side where it binds for the sign of A
         low = ((ratio < 1.0 - eps_low) & (A < 0)).to(logp.dtype)
         high = ((ratio > 1.0 + eps_high) & (A > 0)).to(logp.dtype)
-        metrics = dict(loss=loss.detach(), policy_loss=mean(-surrogate), surrogate=mean(surrogate), kl=mean(kl_t),
-                       ratio_mean=mean(ratio), clip_frac_low=mean(low), clip_frac_high=mean(high),
-                       ratio_max=(ratio * mask).max() if mask.any() else torch.ones((), dtype=logp.dtype),
-                       clip_frac=mean(low + high), tokens=mask.sum(), **sampler_metrics)
+        metrics = dict(
+            loss=loss.detach(),
+            policy_loss=mean(-surrogate),
+            surrogate=mean(surrogate),
+            kl=mean(kl_t),
+            ratio_mean=mean(ratio),
+            clip_frac_low=mean(low),
+            clip_frac_high=mean(high),
+            ratio_max=(ratio * mask).max() if mask.any() else torch.ones((), dtype=logp.dtype),
+            clip_frac=mean(low + high),
+            tokens=mask.sum(),
+            **sampler_metrics,
+        )
     return loss, metrics
 
 
@@ -142,11 +188,13 @@ def sampler_weights(old_logp, sampler_logp, mask, is_level="token", tis_cap=None
             raise ValueError("grpo_loss: tis_cap needs sampler_logp")
         return None, {}
     with torch.no_grad():
-        diff = (old_logp - sampler_logp) * mask                                      # (B, T)
-        log_w = diff.sum(1, keepdim=True) if is_level == "sequence" else diff        # (B, 1) or (B, T)
+        diff = (old_logp - sampler_logp) * mask  # (B, T)
+        log_w = diff.sum(1, keepdim=True) if is_level == "sequence" else diff  # (B, 1) or (B, T)
         w = torch.exp(torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap or math.inf)
-        on = mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)  # an empty batch reports w = 1
-        d, w_on = diff.abs()[on], w.expand_as(diff)[on]                              # (completion tokens,) each
+        on = (
+            mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)
+        )  # an empty batch reports w = 1
+        d, w_on = diff.abs()[on], w.expand_as(diff)[on]  # (completion tokens,) each
     return w, dict(zip(SAMPLER_METRICS, (d.mean(), d.max(), w_on.min(), w_on.mean(), w_on.max())))
 
 
@@ -159,11 +207,13 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
            "none"  A =  r - mean_group                       (Dr. GRPO: no difficulty bias)
     A group whose rewards are all equal gets A = 0 exactly (it teaches nothing), never NaN. Returns (N*G,) float32.
     """
-    r = rewards.detach().to(torch.float64).view(-1, group_size)                  # (N, G)
-    zero_std = (r.max(dim=1).values == r.min(dim=1).values).unsqueeze(1)         # (N, 1) all-equal groups
-    centered = torch.where(zero_std, 0.0, r - r.mean(dim=1, keepdim=True))       # r_ij - mean_j r_i.
-    if scale == "group":   # the unbiased std of each group, (N, 1)
-        adv = centered / ((r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])) + eps)
+    r = rewards.detach().to(torch.float64).view(-1, group_size)  # (N, G)
+    zero_std = (r.max(dim=1).values == r.min(dim=1).values).unsqueeze(1)  # (N, 1) all-equal groups
+    centered = torch.where(zero_std, 0.0, r - r.mean(dim=1, keepdim=True))  # r_ij - mean_j r_i.
+    if scale == "group":  # the unbiased std of each group, (N, 1)
+        adv = centered / (
+            (r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])) + eps
+        )
     elif scale == "batch":
         adv = centered / ((r.std() if r.numel() > 1 else torch.zeros(())) + eps)
     elif scale == "none":
@@ -175,88 +225,141 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 # ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table ------------------
 
-STAGE_DEFAULTS = {0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),   # one gold each
-                  1: dict(steps=8, batch_prompts=4, group_size=8, temperature=0.7, lr=1e-5),   # short: unlearns refusal
-                  2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0, lr=2e-5)}  # samples wider
+STAGE_DEFAULTS = {
+    0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),  # one gold each
+    1: dict(steps=8, batch_prompts=4, group_size=8, temperature=0.7, lr=1e-5),  # short: unlearns refusal
+    2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0, lr=2e-5),
+}  # samples wider
 
 
-def per_stage(name, help):   # the default comes from STAGE_DEFAULTS; a Config built in code gets stage 1's
+def per_stage(name, help):  # the default comes from STAGE_DEFAULTS; a Config built in code gets stage 1's
     return flag(STAGE_DEFAULTS[1][name], help, per_stage=True)
+
 
 @dataclass
 class Config:
     # what to train, from what, on what
-    stage: int = flag(1, "0: warm-up on gold completions; 1: GRPO on answerable questions, format, answer and "
-                         "citation rewards; 2: + refusal, half unanswerable", choices=[0, 1, 2])
-    model: str = flag("builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face model directory")
-    init: str | None = flag(None, "weights to start from (default: the previous stage's checkpoint beside --out "
-                                  "when there is one, else --model)")
-    data: str = flag("builtin", "'builtin' (the synthetic grounded-QA task) or an ALCE / Trust-Score JSON(L) file")
+    stage: int = flag(
+        1,
+        "0: warm-up on gold completions; 1: GRPO on answerable questions, format, answer and "
+        "citation rewards; 2: + refusal, half unanswerable",
+        choices=[0, 1, 2],
+    )
+    model: str = flag(
+        "builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face model directory"
+    )
+    init: str | None = flag(
+        None,
+        "weights to start from (default: the previous stage's checkpoint beside --out "
+        "when there is one, else --model)",
+    )
+    data: str = flag(
+        "builtin", "'builtin' (the synthetic grounded-QA task) or an ALCE / Trust-Score JSON(L) file"
+    )
     gold: str | None = flag(None, "stage 0: JSONL of {id, completion} to imitate (default: written by rule)")
     out: str | None = flag(None, "run directory for metrics, samples and checkpoint/ (default runs/stage{N})")
     # sampling
     steps: int = per_stage("steps", "sampling rounds; each samples, scores, then takes --mu optimizer steps")
     batch_prompts: int = per_stage("batch_prompts", "prompts per sampling round and process (B)")
     group_size: int = per_stage("group_size", "completions sampled per prompt (G)")
-    temperature: float = per_stage("temperature", "sampling temperature; log-probs come from logits / temperature")
+    temperature: float = per_stage(
+        "temperature", "sampling temperature; log-probs come from logits / temperature"
+    )
     top_p: float = flag(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = flag(64, "completion length budget in tokens")
     max_prompt_tokens: int = flag(1024, "longest prompt; longer ones get their document texts cut to fit")
-    prompt_examples: bool = flag(False, "a worked and a refusal example in the prompt (for a model without stage 0)")
+    prompt_examples: bool = flag(
+        False, "a worked and a refusal example in the prompt (for a model without stage 0)"
+    )
     # the loss
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
-    beta: float = flag(0.0, "weight of the KL penalty to the frozen reference (0: no reference forward at all)")
+    beta: float = flag(
+        0.0, "weight of the KL penalty to the frozen reference (0: no reference forward at all)"
+    )
     kl: str = flag("k3", "KL estimator (k3: exp(ref - logp) - (ref - logp) - 1)", choices=["k1", "k2", "k3"])
-    ref: str | None = flag(None, "weights of the KL reference (default: the start of the stage); not with LoRA")
-    loss_agg: str = flag("token-mean", "DAPO, GRPO paper, Dr. GRPO (grpo_loss)", choices=["token-mean",
-                         "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-    scale_rewards: str = flag("group", "advantages / std of the group, of the batch, or none (Dr. GRPO)",
-                              choices=["group", "batch", "none"])
-    is_level: str = flag("token", "the ratio per token (GRPO) or sequence (GSPO)", choices=["token", "sequence"])
-    clip_ratio_c: float = flag(0.0, "dual clip: for A < 0 the token loss is at most c * |A| (verl: 3; 0 = off)")
-    tis_cap: float = flag(0.0, "truncated importance sampling: weight by min(pi_trainer / pi_sampler, cap) (0 = off)")
-    drop_zero_std_groups: bool = flag(False, "leave groups whose rewards are all equal (advantage 0) out of the loss")
+    ref: str | None = flag(
+        None, "weights of the KL reference (default: the start of the stage); not with LoRA"
+    )
+    loss_agg: str = flag(
+        "token-mean",
+        "DAPO, GRPO paper, Dr. GRPO (grpo_loss)",
+        choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+    )
+    scale_rewards: str = flag(
+        "group",
+        "advantages / std of the group, of the batch, or none (Dr. GRPO)",
+        choices=["group", "batch", "none"],
+    )
+    is_level: str = flag(
+        "token", "the ratio per token (GRPO) or sequence (GSPO)", choices=["token", "sequence"]
+    )
+    clip_ratio_c: float = flag(
+        0.0, "dual clip: for A < 0 the token loss is at most c * |A| (verl: 3; 0 = off)"
+    )
+    tis_cap: float = flag(
+        0.0, "truncated importance sampling: weight by min(pi_trainer / pi_sampler, cap) (0 = off)"
+    )
+    drop_zero_std_groups: bool = flag(
+        False, "leave groups whose rewards are all equal (advantage 0) out of the loss"
+    )
     mask_truncated: bool = flag(False, "completions cut at --max-new-tokens leave the loss")
-    overlong_buffer: int = flag(0, "DAPO's soft overlong penalty over the last L tokens of the budget (0 = off)")
+    overlong_buffer: int = flag(
+        0, "DAPO's soft overlong penalty over the last L tokens of the budget (0 = off)"
+    )
     # the optimizer, memory and precision
     lr: float = per_stage("lr", "peak learning rate of AdamW")
     warmup_steps: int = flag(2, "optimizer steps of linear warm-up before the cosine decay")
     min_lr_ratio: float = flag(0.1, "the cosine decays to lr * min_lr_ratio")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
-    mu: int = flag(1, "optimizer steps per sampled batch; > 1 reuses the log-probs stored right after sampling")
+    mu: int = flag(
+        1, "optimizer steps per sampled batch; > 1 reuses the log-probs stored right after sampling"
+    )
     micro_batch: int = flag(16, "completions per forward / backward; gradients accumulate over the batch")
-    dtype: str = flag(None, "compute dtype (default: bfloat16 on CUDA, float32 on CPU); trained weights and AdamW "
-                            "stay fp32", choices=["float32", "bfloat16"])
+    dtype: str = flag(
+        None,
+        "compute dtype (default: bfloat16 on CUDA, float32 on CPU); trained weights and AdamW stay fp32",
+        choices=["float32", "bfloat16"],
+    )
     grad_checkpoint: bool = flag(False, "recompute each block in backward instead of keeping its activations")
     lora_rank: int = flag(0, "0: full fine-tune; > 0: LoRA of this rank on the blocks' linear layers")
     lora_alpha: float = flag(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
     # the run
     seed: int = flag(0, "seed of the data order, the sampling and the LoRA init")
-    resume: bool = flag(False, "continue from <out>/checkpoint (fresh if none; without it, one there is an error)")
+    resume: bool = flag(
+        False, "continue from <out>/checkpoint (fresh if none; without it, one there is an error)"
+    )
     save_every: int = flag(10, "write a checkpoint every this many steps (and at the end)")
-    stop_after: int = flag(0, "stop with a checkpoint after this many steps, on the schedule of --steps (0: off)")
+    stop_after: int = flag(
+        0, "stop with a checkpoint after this many steps, on the schedule of --steps (0: off)"
+    )
     log_samples: int = flag(4, "completions per step written to samples.jsonl")
     no_progress: bool = flag(False, "no progress bar")
 
 
 def parse_args(argv=None) -> Config:
-    p = common.config_parser(Config, STAGE_DEFAULTS, "GRPO for grounded, cited answers: python grpo.py --stage 0|1|2")
+    p = common.config_parser(
+        Config, STAGE_DEFAULTS, "GRPO for grounded, cited answers: python grpo.py --stage 0|1|2"
+    )
     args = vars(p.parse_args(argv))
-    cfg = Config(**{k: STAGE_DEFAULTS[args["stage"]].get(k) if v is None else v for k, v in args.items()})  # not given
+    cfg = Config(
+        **{k: STAGE_DEFAULTS[args["stage"]].get(k) if v is None else v for k, v in args.items()}
+    )  # not given
     cfg.out = cfg.out or f"runs/stage{cfg.stage}"
     counts = ("steps", "batch_prompts", "max_new_tokens", "mu", "micro_batch", "save_every")
-    for ok, message in ((cfg.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
-                        (cfg.group_size >= 2 or cfg.stage == 0, "--group-size must be >= 2 (advantages compare)"),
-                        (cfg.group_size == 1 or cfg.stage > 0, "--stage 0 imitates one gold each: --group-size 1"),
-                        (cfg.gold is None or cfg.stage == 0, "--gold is for --stage 0"),
-                        (min(getattr(cfg, k) for k in counts) >= 1, f"--{', --'.join(counts)} must be >= 1"),
-                        (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
-                        (cfg.ref is None or cfg.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
-                        (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, "--clip-ratio-c must be 0 (off) or > 1"),
-                        (cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0 = off)"),
-                        (0 <= cfg.overlong_buffer < cfg.max_new_tokens, "--overlong-buffer: 0 to max_new_tokens - 1")):
+    for ok, message in (
+        (cfg.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
+        (cfg.group_size >= 2 or cfg.stage == 0, "--group-size must be >= 2 (advantages compare)"),
+        (cfg.group_size == 1 or cfg.stage > 0, "--stage 0 imitates one gold each: --group-size 1"),
+        (cfg.gold is None or cfg.stage == 0, "--gold is for --stage 0"),
+        (min(getattr(cfg, k) for k in counts) >= 1, f"--{', --'.join(counts)} must be >= 1"),
+        (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
+        (cfg.ref is None or cfg.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
+        (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, "--clip-ratio-c must be 0 (off) or > 1"),
+        (cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0 = off)"),
+        (0 <= cfg.overlong_buffer < cfg.max_new_tokens, "--overlong-buffer: 0 to max_new_tokens - 1"),
+    ):
         if not ok:
             p.error(message.replace("_", "-"))
     return cfg
@@ -264,17 +367,28 @@ def parse_args(argv=None) -> Config:
 
 # ---- The rollout: sample G completions per prompt, score each ------------------------------------------------------
 
+
 def sample_and_score(model, tokenizer, records, cfg, seed, first_row=0):
     """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]; row r draws from the
     seed of row first_row + r of the global batch, so the split over processes does not change the samples."""
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     eos = eos_token_ids(model, tokenizer)
-    with common.sampling_weights(model):   # eval mode; under FSDP the weights gathered once for the round
-        out = generate(model, [ids for ids, _ in built], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos, seed=seed,
-                       stop_strings=STOP_STRINGS, tokenizer=tokenizer, first_row=first_row)
+    with common.sampling_weights(model):  # eval mode; under FSDP the weights gathered once for the round
+        out = generate(
+            model,
+            [ids for ids, _ in built],
+            group_size=cfg.group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            eos_token_ids=eos,
+            seed=seed,
+            stop_strings=STOP_STRINGS,
+            tokenizer=tokenizer,
+            first_row=first_row,
+        )
     # generate runs under inference_mode; clones are ordinary tensors that autograd may save for backward
-    comp_ids, comp_mask, sampler_logp = (x.clone() for x in out)                   # (B*G, max_new_tokens) each
+    comp_ids, comp_mask, sampler_logp = (x.clone() for x in out)  # (B*G, max_new_tokens) each
     return score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp)
 
 
@@ -282,9 +396,11 @@ def gold_batch(tokenizer, records, cfg, gold):
     """Stage 0, the warm-up: one gold completion per prompt in place of G samples (gold: {record id: completion},
     the rest written by data.gold_completion), in sample_and_score's layout."""
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
-    ids = [torch.tensor(tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"])
-           for r in records]
-    comp_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)                 # (B, M)
+    ids = [
+        torch.tensor(tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"])
+        for r in records
+    ]
+    comp_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)  # (B, M)
     comp_mask = (torch.arange(comp_ids.shape[1]) < torch.tensor([len(x) for x in ids])[:, None]).float()
     return score(built, records, comp_ids, comp_mask, tokenizer, cfg, ())
 
@@ -292,100 +408,179 @@ def gold_batch(tokenizer, records, cfg, gold):
 def score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp=None):
     """The rewards of completions (R, M) of records (R / len(records) rows each), and the batch dict of the update."""
     R, G = comp_ids.shape[0], comp_ids.shape[0] // len(records)
-    lengths = comp_mask.sum(1).long()                                              # (R,)
-    texts = [tokenizer.decode(comp_ids[r, :n].tolist(), skip_special_tokens=True) for r, n in enumerate(lengths)]
+    lengths = comp_mask.sum(1).long()  # (R,)
+    texts = [
+        tokenizer.decode(comp_ids[r, :n].tolist(), skip_special_tokens=True) for r, n in enumerate(lengths)
+    ]
     # the reward sees what the assistant wrote: the prefilled "<think>" plus the completion (stage 0: scored as 2)
-    totals, components = rewards.completion_rewards([built[r // G][1] + t for r, t in enumerate(texts)], records,
-                                                    cfg.stage or 2, lengths, cfg.max_new_tokens, cfg.overlong_buffer)
+    totals, components = rewards.completion_rewards(
+        [built[r // G][1] + t for r, t in enumerate(texts)],
+        records,
+        cfg.stage or 2,
+        lengths,
+        cfg.max_new_tokens,
+        cfg.overlong_buffer,
+    )
     ended = [comp_ids[r, n - 1].item() in eos or STOP_STRINGS[0] in texts[r] for r, n in enumerate(lengths)]
-    return dict(prompts=[ids for ids, _ in built], prefills=[p for _, p in built], comp_ids=comp_ids, texts=texts,
-                comp_mask=comp_mask, sampler_logp=sampler_logp, rewards=torch.tensor(totals), components=components,
-                truncated=~torch.tensor(ended), answerable=torch.tensor([records[r // G].answerable for r in range(R)]))
+    return dict(
+        prompts=[ids for ids, _ in built],
+        prefills=[p for _, p in built],
+        comp_ids=comp_ids,
+        texts=texts,
+        comp_mask=comp_mask,
+        sampler_logp=sampler_logp,
+        rewards=torch.tensor(totals),
+        components=components,
+        truncated=~torch.tensor(ended),
+        answerable=torch.tensor([records[r // G].answerable for r in range(R)]),
+    )
 
 
 # ---- The update: mu optimizer steps on one sampled batch -----------------------------------------------------------
+
 
 def lr_at(it, total, cfg):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr: a function of the step, nothing to restore."""
     if it < cfg.warmup_steps:
         return cfg.lr * (it + 1) / cfg.warmup_steps
-    progress, floor = min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)), cfg.lr * cfg.min_lr_ratio
+    progress, floor = (
+        min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)),
+        cfg.lr * cfg.min_lr_ratio,
+    )
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg):   # fused: in place, where the default allocates weight-sized temporaries
+def make_optimizer(params, cfg):  # fused: in place, where the default allocates weight-sized temporaries
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay, fused=True)
 
 
-LOSS_METRICS = ("policy_loss", "surrogate", "kl", "ratio_mean", "ratio_max", "clip_frac_low", "clip_frac_high",
-                "clip_frac", "entropy", "nll")
+LOSS_METRICS = (
+    "policy_loss",
+    "surrogate",
+    "kl",
+    "ratio_mean",
+    "ratio_max",
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac",
+    "entropy",
+    "nll",
+)
 
 
-def policy_update(model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps,
-                  log=print):
+def policy_update(
+    model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps, log=print
+):
     """-> per-inner-iteration metric dicts. keep_rows: the rows in the loss (all, or fewer: --drop-zero-std-groups)"""
-    chunks = common.same_count(micro_batches(keep_rows, cfg.micro_batch, cfg.group_size))  # equal counts on all ranks
-    mask, sampler_logp = batch["comp_mask"], batch.get("sampler_logp")   # (R, M) each
+    chunks = common.same_count(
+        micro_batches(keep_rows, cfg.micro_batch, cfg.group_size)
+    )  # equal counts on all ranks
+    mask, sampler_logp = batch["comp_mask"], batch.get("sampler_logp")  # (R, M) each
     # normalizers of the whole optimizer step: all micro-batches, all ranks
     num_tokens = common.all_reduce_sum(mask[keep_rows].sum().double()).item()
     num_seqs = int(common.all_reduce_sum(torch.tensor(float(len(keep_rows)), dtype=torch.float64)).item())
-    if num_seqs == 0:        # every row was left out (all-equal rewards everywhere): nothing to learn this step
+    if num_seqs == 0:  # every row was left out (all-equal rewards everywhere): nothing to learn this step
         log(f"[info] optimizer step {opt_step}: no rows left for the loss; update skipped")
-        return [dict(dict.fromkeys(LOSS_METRICS, 0.0), loss=0.0, ratio_mean=1.0, ratio_max=1.0, grad_norm=0.0,
-                     lr=lr_at(opt_step, total_opt_steps, cfg), skipped=1)]
-    old_logp, ref_logp, history = {}, {}, []      # per micro-batch: the sampling policy's and the reference's
+        return [
+            dict(
+                dict.fromkeys(LOSS_METRICS, 0.0),
+                loss=0.0,
+                ratio_mean=1.0,
+                ratio_max=1.0,
+                grad_norm=0.0,
+                lr=lr_at(opt_step, total_opt_steps, cfg),
+                skipped=1,
+            )
+        ]
+    old_logp, ref_logp, history = {}, {}, []  # per micro-batch: the sampling policy's and the reference's
     for it in range(cfg.mu):
         lr = lr_at(opt_step + it, total_opt_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         stats = common.StepMetrics(LOSS_METRICS + (SAMPLER_METRICS if sampler_logp is not None else ()))
-        loss_total = torch.zeros((), dtype=torch.float64)  # the micro-batches' losses add up to the step's loss
+        loss_total = torch.zeros(
+            (), dtype=torch.float64
+        )  # the micro-batches' losses add up to the step's loss
         for c, (rows, pids, rows_prompt, w) in enumerate(chunks):
-            common.release_freed_memory()   # what sampling, the no-grad passes and the last step freed: RSS = live
-            mrows = mask[rows] * w            # (r, M)
-            inputs = ([batch["prompts"][p] for p in pids], batch["comp_ids"][rows], mrows, rows_prompt,
-                      cfg.temperature)
-            if cfg.beta > 0 and it == 0:    # the frozen reference: a copy, or with LoRA the policy, adapters off
-                with torch.no_grad(), contextlib.nullcontext() if reference is not None else adapters_off(model):
+            common.release_freed_memory()  # what sampling, the no-grad passes and the last step freed: RSS = live
+            mrows = mask[rows] * w  # (r, M)
+            inputs = (
+                [batch["prompts"][p] for p in pids],
+                batch["comp_ids"][rows],
+                mrows,
+                rows_prompt,
+                cfg.temperature,
+            )
+            if (
+                cfg.beta > 0 and it == 0
+            ):  # the frozen reference: a copy, or with LoRA the policy, adapters off
+                with (
+                    torch.no_grad(),
+                    contextlib.nullcontext() if reference is not None else adapters_off(model),
+                ):
                     ref_logp[c] = completion_logprobs(reference if reference is not None else model, *inputs)
-            logp, ent = completion_logprobs(model, *inputs, return_entropy=True)                     # (r, M) each
-            loss, m = grpo_loss(logp, old_logp.get(c), ref_logp.get(c), advantages[rows], mrows,
-                                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl,
-                                agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, is_level=cfg.is_level,
-                                clip_ratio_c=cfg.clip_ratio_c or None, tis_cap=cfg.tis_cap or None,
-                                sampler_logp=None if sampler_logp is None else sampler_logp[rows])
-            if cfg.mu > 1 and it == 0:      # the sampling policy = these weights before any step: kept for it > 0
+            logp, ent = completion_logprobs(model, *inputs, return_entropy=True)  # (r, M) each
+            loss, m = grpo_loss(
+                logp,
+                old_logp.get(c),
+                ref_logp.get(c),
+                advantages[rows],
+                mrows,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
+                beta=cfg.beta,
+                kl=cfg.kl,
+                agg=cfg.loss_agg,
+                num_tokens=num_tokens,
+                num_seqs=num_seqs,
+                is_level=cfg.is_level,
+                clip_ratio_c=cfg.clip_ratio_c or None,
+                tis_cap=cfg.tis_cap or None,
+                sampler_logp=None if sampler_logp is None else sampler_logp[rows],
+            )
+            if cfg.mu > 1 and it == 0:  # the sampling policy = these weights before any step: kept for it > 0
                 old_logp[c] = logp.detach()
-            common.release_freed_memory()   # the forward's freed temporaries, before gradients are allocated
+            common.release_freed_memory()  # the forward's freed temporaries, before gradients are allocated
             loss.backward()
             loss_total += loss.detach().double()
-            n = torch.clamp(m["tokens"], min=1)   # nll: the warm-up's loss, the mean -log p of the trained tokens
-            stats.add(dict(m, entropy=(ent * mrows).sum() / n, nll=-(logp.detach() * mrows).sum() / n),
-                      m["tokens"])
-        params = common.reduce_gradients(model)   # fp32, summed over ranks (FSDP: already, in backward)
+            n = torch.clamp(
+                m["tokens"], min=1
+            )  # nll: the warm-up's loss, the mean -log p of the trained tokens
+            stats.add(
+                dict(m, entropy=(ent * mrows).sum() / n, nll=-(logp.detach() * mrows).sum() / n), m["tokens"]
+            )
+        params = common.reduce_gradients(model)  # fp32, summed over ranks (FSDP: already, in backward)
         loss_total = common.all_reduce_sum(loss_total).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        ).item()
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
-        if skipped:   # every rank sees the same all-reduced loss and gradient, so every rank skips together
-            log(f"[warn] optimizer step {opt_step + it}: loss {loss_total}, gradient norm {grad_norm}: skipped")
+        if skipped:  # every rank sees the same all-reduced loss and gradient, so every rank skips together
+            log(
+                f"[warn] optimizer step {opt_step + it}: loss {loss_total}, gradient norm {grad_norm}: skipped"
+            )
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
-        history.append(dict(stats.reduce(num_tokens), loss=loss_total, grad_norm=grad_norm, lr=lr,
-                            skipped=int(skipped)))
+        history.append(
+            dict(stats.reduce(num_tokens), loss=loss_total, grad_norm=grad_norm, lr=lr, skipped=int(skipped))
+        )
     optimizer.zero_grad(set_to_none=True)
     return history
 
 
 # ---- main: set up, then the step loop ------------------------------------------------------------------------------
 
+
 def main(argv=None):
     cfg, t_start = parse_args(argv), time.time()
-    rank, world, device = common.setup_distributed(cfg.seed)    # and seeds torch and random alike on every rank
+    rank, world, device = common.setup_distributed(cfg.seed)  # and seeds torch and random alike on every rank
     log = print if rank == 0 else (lambda *a, **k: None)
-    out, ckpt = Path(cfg.out), common.checkpoint_to_resume(cfg, log)   # never overwrites a run silently
-    model, reference, tokenizer, init = common.load_run_models(cfg, ckpt, device, log)   # init: the stage's start
+    out, ckpt = Path(cfg.out), common.checkpoint_to_resume(cfg, log)  # never overwrites a run silently
+    model, reference, tokenizer, init = common.load_run_models(
+        cfg, ckpt, device, log
+    )  # init: the stage's start
     optimizer = common.with_master_weights(model, make_optimizer(common.trained_parameters(model), cfg))
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
     records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
@@ -393,33 +588,59 @@ def main(argv=None):
     [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     gold = load_gold_completions(cfg.gold) if cfg.gold else {}
     # the state, fresh or resumed; the run's logs keep what came before the checkpoint's step
-    step, opt_step, data_pos = common.restore_trainer_state(ckpt, model, optimizer, log) if ckpt else (0, 0, [0, 0])
-    history = [] if rank else common.open_run_logs(out, step, dict(asdict(cfg), init_resolved=init, world_size=world))
-    total_opt_steps, last_step, G = cfg.steps * cfg.mu, min(cfg.steps, cfg.stop_after or cfg.steps), cfg.group_size
+    step, opt_step, data_pos = (
+        common.restore_trainer_state(ckpt, model, optimizer, log) if ckpt else (0, 0, [0, 0])
+    )
+    history = (
+        []
+        if rank
+        else common.open_run_logs(out, step, dict(asdict(cfg), init_resolved=init, world_size=world))
+    )
+    total_opt_steps, last_step, G = (
+        cfg.steps * cfg.mu,
+        min(cfg.steps, cfg.stop_after or cfg.steps),
+        cfg.group_size,
+    )
     bar = tqdm(total=last_step, initial=step, disable=rank != 0 or cfg.no_progress, dynamic_ncols=True)
     while step < last_step:
         t0 = time.time()
         # 1-2. the global batch in the seeded order, this rank's slice of whole groups: G completions each, scored
         global_records, data_pos = next_records(records, data_pos, cfg.batch_prompts * world, cfg.seed)
-        local = global_records[rank * cfg.batch_prompts:(rank + 1) * cfg.batch_prompts]
-        if cfg.stage == 0:   # the warm-up: this update on one gold completion per prompt with advantage 1 (and
-            batch = gold_batch(tokenizer, local, cfg, gold)   # ratio 1, no clip) minimizes its tokens' mean NLL
+        local = global_records[rank * cfg.batch_prompts : (rank + 1) * cfg.batch_prompts]
+        if cfg.stage == 0:  # the warm-up: this update on one gold completion per prompt with advantage 1 (and
+            batch = gold_batch(
+                tokenizer, local, cfg, gold
+            )  # ratio 1, no clip) minimizes its tokens' mean NLL
         else:
-            batch = sample_and_score(model, tokenizer, local, cfg, seed=(cfg.seed * 100_003 + step) * 1024,
-                                     first_row=rank * cfg.batch_prompts * G)
+            batch = sample_and_score(
+                model,
+                tokenizer,
+                local,
+                cfg,
+                seed=(cfg.seed * 100_003 + step) * 1024,
+                first_row=rank * cfg.batch_prompts * G,
+            )
         t_sample = time.time() - t0
         # 3. advantages over the global batch (group scaling looks within a group, batch scaling at all of it)
         gathered, R = common.gather_rollout(batch), len(batch["texts"])
-        advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)[rank * R:(rank + 1) * R] \
-            if cfg.stage else torch.ones(R)                                                                # (R,)
+        advantages = (
+            group_advantages(gathered["rewards"], G, cfg.scale_rewards)[rank * R : (rank + 1) * R]
+            if cfg.stage
+            else torch.ones(R)
+        )  # (R,)
         per_group = batch["rewards"].view(-1, G)
-        spread = (per_group.max(1).values != per_group.min(1).values).tolist()     # (B,) groups that teach
-        keep = [r for r in range(R) if (spread[r // G] or not cfg.drop_zero_std_groups or cfg.stage == 0)
-                and not (cfg.mask_truncated and batch["truncated"][r])]
+        spread = (per_group.max(1).values != per_group.min(1).values).tolist()  # (B,) groups that teach
+        keep = [
+            r
+            for r in range(R)
+            if (spread[r // G] or not cfg.drop_zero_std_groups or cfg.stage == 0)
+            and not (cfg.mask_truncated and batch["truncated"][r])
+        ]
         # 4-6. log-probs, loss, backward, optimizer step(s)
         t1 = time.time()
-        inner = policy_update(model, reference, optimizer, batch, advantages, keep, cfg, opt_step,
-                              total_opt_steps, log)
+        inner = policy_update(
+            model, reference, optimizer, batch, advantages, keep, cfg, opt_step, total_opt_steps, log
+        )
         opt_step, step = opt_step + cfg.mu, step + 1
         t_train, dt = time.time() - t1, time.time() - t0
         # 7. metrics of the global batch, loss metrics averaged over the inner iterations; samples; checkpoint
@@ -427,21 +648,36 @@ def main(argv=None):
         m.update({k: sum(h[k] for h in inner) / len(inner) for k in inner[0]})
         if cfg.mu > 1:
             m["ratio_mean_last_iter"] = inner[-1]["ratio_mean"]
-        m.update(kept_rows=int(common.all_reduce_sum(torch.tensor(len(keep))).item()), sample_time=t_sample,
-                 tokens_per_s=gathered["lengths"].sum().item() / dt, train_time=t_train, step_time=dt)
+        m.update(
+            kept_rows=int(common.all_reduce_sum(torch.tensor(len(keep))).item()),
+            sample_time=t_sample,
+            tokens_per_s=gathered["lengths"].sum().item() / dt,
+            train_time=t_train,
+            step_time=dt,
+        )
         if rank == 0:
             history.append(m)
             common.append_jsonl(out / "metrics.jsonl", [m])
             common.log_samples(out / "samples.jsonl", step - 1, batch, local, advantages, cfg.log_samples, G)
-        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", fmt=f"{m.get('reward/format', float('nan')):.2f}",
-                        step_s=f"{dt:.1f}")
+        bar.set_postfix(
+            reward=f"{m['reward_mean']:.2f}",
+            fmt=f"{m.get('reward/format', float('nan')):.2f}",
+            step_s=f"{dt:.1f}",
+        )
         bar.update(1)
         if step % cfg.save_every == 0 or step == last_step:
-            common.save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg)  # rank 0 writes
+            common.save_checkpoint(
+                out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg
+            )  # rank 0 writes
             common.barrier()
     bar.close()
-    for line in ["=" * 78, *training_summary(cfg.stage, history, time.time() - t_start), f"checkpoint: "
-                 f"{out / 'checkpoint'}", f"metrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl", "=" * 78]:
+    for line in [
+        "=" * 78,
+        *training_summary(cfg.stage, history, time.time() - t_start),
+        f"checkpoint: {out / 'checkpoint'}",
+        f"metrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl",
+        "=" * 78,
+    ]:
         log(line)
     common.shutdown_distributed()
     return history
@@ -454,7 +690,7 @@ def cli(argv=None):
         return main(argv)
     except (DataError, ModelError, FileExistsError) as e:
         print(f"grpo.py: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None                             # argparse's exit status for bad input
+        raise SystemExit(2) from None  # argparse's exit status for bad input
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ batched group sampler. One file, top to bottom:
 Module and tensor names follow the Hugging Face checkpoints (model.layers.0.self_attn.q_proj.weight, ...), so a
 state dict loads and saves without any renaming table.
 """
+
 import contextlib
 import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import block_autograd as lean
-from kernels import decode
+from kernels import decode, fused_linear_logprobs
 from kernels.stop_strings import StopStrings
-from kernels import fused_linear_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DEFAULT_MODEL = "builtin"  # --model default everywhere: the converted SmolLM2-135M-Instruct
@@ -68,8 +68,16 @@ class ModelConfig:
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         mt = hf.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise ModelError(f"{where}: unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            raise ModelError(
+                f"{where}: unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if key not in hf:
                 raise ModelError(f"{where}: missing field {key!r}")
         # transformers >= 5 writes rope settings under "rope_parameters"; older versions use rope_theta/rope_scaling
@@ -146,7 +154,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if not torch.is_grad_enabled():  # the same math; an autograd Function's call costs more than the op here
+        if (
+            not torch.is_grad_enabled()
+        ):  # the same math; an autograd Function's call costs more than the op here
             return rms_norm(x, self.weight, self.eps)
         return lean.rms_norm(x, self.weight, self.eps)
 
@@ -156,7 +166,11 @@ class Linear(nn.Linear):
     sampler's decode steps, go through kernels.decode.rows_linear."""
 
     def forward(self, x):
-        if not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= decode.FEW_ROWS * x.shape[-1]:
+        if (
+            not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.numel() <= decode.FEW_ROWS * x.shape[-1]
+        ):
             return decode.rows_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -203,7 +217,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        rotate = lean.rope if torch.is_grad_enabled() else rope  # same math; without autograd, no Function call
+        rotate = (
+            lean.rope if torch.is_grad_enabled() else rope
+        )  # same math; without autograd, no Function call
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         # (B, nh, T, hd) views of (B, T, nh, hd) memory: SDPA then writes its output in (B, T, nh, hd) memory too,
         # so the reshape for o_proj below is a view, not a copy that backward would keep a second time
@@ -233,7 +249,9 @@ class MLP(nn.Module):
         if not torch.is_grad_enabled():
             return self.down_proj(F.silu(g) * u)  # lean.swiglu_down's forward math, without the Function
         if isinstance(self.down_proj, nn.Linear) and self.down_proj.bias is None:
-            return lean.swiglu_down(g, u, self.down_proj.weight)  # its input h is rebuilt in backward, not kept
+            return lean.swiglu_down(
+                g, u, self.down_proj.weight
+            )  # its input h is rebuilt in backward, not kept
         return self.down_proj(lean.swiglu(g, u))  # a wrapped down_proj (LoRA): its own autograd
 
 
@@ -272,7 +290,9 @@ class Transformer(nn.Module):
         """(V, H) output projection: the input embedding when tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False, head=None):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False, head=None
+    ):
         """input_ids (B, T); attention_mask (B, T) or, with a cache, (B, S) over cache + new tokens: 1 = real
         token, 0 = left padding; or a ready (B, 1, T, T) boolean mask (True = may attend) with position_ids, for
         packed sequences. Returns logits (B, T, V), or the final-norm hidden states (B, T, H), or head(hidden,
@@ -324,9 +344,15 @@ class Transformer(nn.Module):
                     f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}"
                 )
         ignorable = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-        extra = [k for k in state if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq")]
+        extra = [
+            k
+            for k in state
+            if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq")
+        ]
         if extra:
-            raise ModelError(f"{path}: unexpected tensor {extra[0]!r} in the checkpoint ({len(extra)} in all)")
+            raise ModelError(
+                f"{path}: unexpected tensor {extra[0]!r} in the checkpoint ({len(extra)} in all)"
+            )
         state = {k: state[k].to(dtype) for k in expected}
         model.load_state_dict(state, assign=True)
         model.inv_freq = rope_inv_freq(cfg)
@@ -445,7 +471,9 @@ def row_uniforms(seed: int, rows: int, steps: int, first_row: int = 0) -> torch.
     return u
 
 
-TOP_P_CANDIDATES = 1024  # top-p looks at the k most likely tokens first: a full-vocabulary sort is much slower
+TOP_P_CANDIDATES = (
+    1024  # top-p looks at the k most likely tokens first: a full-vocabulary sort is much slower
+)
 
 
 def nucleus(probs, top_p):
@@ -467,13 +495,17 @@ def inverse_cdf(w, u, block=1024):
     is a sequential loop, the slowest op of a sampling step."""
     B, n = w.shape
     nb = -(-n // block)
-    wb = (F.pad(w, (0, nb * block - n)) if nb * block > n else w).view(B, nb, block)  # zero weight: never picked
+    wb = (F.pad(w, (0, nb * block - n)) if nb * block > n else w).view(
+        B, nb, block
+    )  # zero weight: never picked
     ends = wb.sum(-1).double().cumsum(-1)  # (B, nb) running sum at each block's end
     target = (u.double() * ends[:, -1]).clamp(min=torch.finfo(torch.float64).tiny)[:, None]  # (B, 1)
     b = torch.searchsorted(ends, target).clamp(max=nb - 1)  # (B, 1) the block where the sum reaches target
     start = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), 0.0)  # (B, 1) the sum before that block
     within = start + wb.gather(1, b[:, :, None].expand(B, 1, block))[:, 0].double().cumsum(-1)  # (B, block)
-    j = torch.searchsorted(within, target.minimum(within[:, -1:]))  # round-off may put target past the block's end
+    j = torch.searchsorted(
+        within, target.minimum(within[:, -1:])
+    )  # round-off may put target past the block's end
     return (b * block + j)[:, 0]
 
 
@@ -550,7 +582,9 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else int(eos[0].clamp(min=0))
     N, G = len(prompts), group_size
     rows = N * G
-    stops = StopStrings(tokenizer, stop_strings, model.config.vocab_size, rows, device) if stop_strings else None
+    stops = (
+        StopStrings(tokenizer, stop_strings, model.config.vocab_size, rows, device) if stop_strings else None
+    )
 
     # prefill: the N distinct prompts once, logits at the last position only
     ids, mask = left_pad(prompts, pad, device)  # (N, L)
@@ -639,8 +673,9 @@ def pack_groups(prompts, comp_ids, lengths, rows_prompt, pad_id=0):
     return ids, pos, mask[:, None], index
 
 
-def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temperature, share_prompt=True,
-                        return_entropy=False):
+def completion_logprobs(
+    model, prompts, comp_ids, comp_mask, rows_prompt, temperature, share_prompt=True, return_entropy=False
+):
     """log pi(o_t | q, o_<t) for every completion token, from logits / temperature.
 
     prompts     list of P token lists (the distinct prompts of this micro-batch)
@@ -658,19 +693,28 @@ def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temper
     comp_ids, comp_mask = comp_ids[:, :M], comp_mask[:, :M]
     labels = comp_ids.masked_fill(comp_mask == 0, -100).reshape(-1)  # ignored rows give 0 and no gradient
     # the log-probs are taken inside forward, where a sharded (FSDP) model holds its gathered output weight
-    logprobs = lambda hidden, w: fused_linear_logprobs(hidden.reshape(R * M, -1), w, labels, temperature=temperature,
-                                                       return_entropy=return_entropy)
+    logprobs = lambda hidden, w: fused_linear_logprobs(
+        hidden.reshape(R * M, -1), w, labels, temperature=temperature, return_entropy=return_entropy
+    )
     if share_prompt:
-        ids, pos, mask, index = pack_groups(prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu())
+        ids, pos, mask, index = pack_groups(
+            prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu()
+        )
         index = index.to(device)
-        out = model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    head=lambda h, w: logprobs(h.reshape(-1, h.shape[-1])[index], w))  # h (P, S, H) -> (R, M, H)
+        out = model(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=pos.to(device),
+            head=lambda h, w: logprobs(h.reshape(-1, h.shape[-1])[index], w),
+        )  # h (P, S, H) -> (R, M, H)
     else:
         p_ids, p_mask = left_pad(prompts, 0, device)  # (P, L)
         L = p_ids.shape[1]
         attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)  # (R, L + M)
         ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]  # (R, L + M - 1)
-        out = model(ids, attention_mask=attn[:, :-1], head=lambda h, w: logprobs(h[:, L - 1 :], w))  # (R, M, H)
+        out = model(
+            ids, attention_mask=attn[:, :-1], head=lambda h, w: logprobs(h[:, L - 1 :], w)
+        )  # (R, M, H)
     pad = lambda x: F.pad(x.view(R, M), (0, M_full - M))  # back to (R, M_full)
     if return_entropy:
         return pad(out[0]), pad(out[1])
@@ -700,7 +744,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.scale = alpha / rank
         dtype = base.weight.dtype
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, dtype=dtype) / math.sqrt(base.in_features))
+        self.lora_A = nn.Parameter(
+            torch.randn(rank, base.in_features, dtype=dtype) / math.sqrt(base.in_features)
+        )
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
         self.enabled = True  # False: exactly the base layer (the reference policy)
 
@@ -712,8 +758,13 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with W + scale * B @ A, for saving in the Hugging Face layout."""
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        dtype=self.base.weight.dtype, device=self.base.weight.device)
+        lin = nn.Linear(
+            self.base.in_features,
+            self.base.out_features,
+            bias=self.base.bias is not None,
+            dtype=self.base.weight.dtype,
+            device=self.base.weight.device,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)
             if self.base.bias is not None:

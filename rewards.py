@@ -142,7 +142,11 @@ def matched_groups(statement: str, answers: list[list[str]]) -> list[int]:
     """Indices of the gold groups with an alias inside the statement (citations removed first, so "[1]" can never
     match a gold "1")."""
     text = normalize_answer(remove_citations(statement))
-    return [g for g, aliases in enumerate(answers) if any(contains_phrase(text, normalize_answer(a)) for a in aliases)]
+    return [
+        g
+        for g, aliases in enumerate(answers)
+        if any(contains_phrase(text, normalize_answer(a)) for a in aliases)
+    ]
 
 
 def doc_has_group(doc: dict, g: int, aliases: list[str]) -> bool:
@@ -169,7 +173,9 @@ def protect_commas(answer: str, answers: list[list[str]]) -> str:
     for aliases in answers:
         for a in aliases:
             if "," in a and a.strip(", "):
-                answer = re.sub(re.escape(a), lambda m: m.group(0).replace(",", " "), answer, flags=re.IGNORECASE)
+                answer = re.sub(
+                    re.escape(a), lambda m: m.group(0).replace(",", " "), answer, flags=re.IGNORECASE
+                )
     return answer
 
 
@@ -201,8 +207,14 @@ def score_statements(answer: str, record) -> dict:
             n_supported += 1
         else:
             citation -= CITATION_REWARD
-    return dict(em=em, citation=citation, statements=len(statements), em_statements=n_em,
-                cited_em_statements=n_cited, supported_em_statements=n_supported)
+    return dict(
+        em=em,
+        citation=citation,
+        statements=len(statements),
+        em_statements=n_em,
+        cited_em_statements=n_cited,
+        supported_em_statements=n_supported,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,8 +303,18 @@ def stage_reward(completion: str, record, stage: int) -> tuple[float, dict]:
     rscore = refusal_score(answer)
     refused = rscore > REFUSAL_THRESHOLD
     answered = bool(normalize_answer(remove_citations(answer))) and not refused
-    scores = score_statements(answer, record) if answered else dict(
-        em=0.0, citation=0.0, statements=0, em_statements=0, cited_em_statements=0, supported_em_statements=0)
+    scores = (
+        score_statements(answer, record)
+        if answered
+        else dict(
+            em=0.0,
+            citation=0.0,
+            statements=0,
+            em_statements=0,
+            cited_em_statements=0,
+            supported_em_statements=0,
+        )
+    )
 
     c = dict(tag_count=tag_count_reward(completion), format=0.0, em=0.0, citation=0.0, refusal=0.0)
     if format_reward(completion) == 1.0 and c["tag_count"] == 1.0:
@@ -304,8 +326,12 @@ def stage_reward(completion: str, record, stage: int) -> tuple[float, dict]:
         elif stage == 2 and refused:
             c["refusal"] = rscore
     total = c["tag_count"] + c["format"] + c["em"] + c["citation"] + c["refusal"]
-    c.update(answered=float(answered), refused=float(refused), rscore=rscore,
-             **{k: float(v) for k, v in scores.items() if k not in ("em", "citation")})
+    c.update(
+        answered=float(answered),
+        refused=float(refused),
+        rscore=rscore,
+        **{k: float(v) for k, v in scores.items() if k not in ("em", "citation")},
+    )
     return total, c
 
 
@@ -318,8 +344,14 @@ def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
     return max(-1.0, min(0.0, (max_len - buffer - length) / buffer))
 
 
-def completion_rewards(completions: list[str], records: list, stage: int, lengths: list[int], max_len: int,
-                       overlong_buffer: int = 0) -> tuple[list[float], list[dict]]:
+def completion_rewards(
+    completions: list[str],
+    records: list,
+    stage: int,
+    lengths: list[int],
+    max_len: int,
+    overlong_buffer: int = 0,
+) -> tuple[list[float], list[dict]]:
     """(totals, components) of R completions (what the assistant wrote, prefill included) of records, R / len(records)
     consecutive rows each: the stage reward, plus DAPO's overlong penalty as its own component when buffer > 0."""
     G = len(completions) // len(records)

@@ -6,6 +6,7 @@ the products of one decode step (32 rows, the built-in model's shapes) in GFLOP/
 Products are timed two ways: "hot" repeats one weight (it stays in cache), "cold" cycles through 30 layers' worth of
 distinct weights as a decode step does (each weight comes from memory once per step).
 """
+
 import argparse
 import os
 import sys
@@ -58,14 +59,15 @@ def products(n, cfg):
     flop = 2 * ROWS * V * H
     for label, fn in (("F.linear", F.linear), ("output_logits", decode.output_logits)):
         dt = best_time(lambda: fn(h, emb))
-        print(f"  {n} thread(s) output layer ({V}x{H}) {label}: {dt * 1e3:.1f} ms, {flop / dt / 1e9:.1f} GFLOP/s")
+        print(
+            f"  {n} thread(s) output layer ({V}x{H}) {label}: {dt * 1e3:.1f} ms, {flop / dt / 1e9:.1f} GFLOP/s"
+        )
 
 
 def profile(n):
+    from generate import chat_prompts
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-
-    from generate import chat_prompts
 
     path = M.builtin_model_dir()
     net = M.Transformer.from_pretrained(path).eval()

@@ -8,6 +8,7 @@ ours, theirs, ...) with seeds 0, 1, ... so machine noise hits both alike; the be
 
     python bench/generate.py [--threads 1,2] [--reps 2] [--new-tokens 128]
 """
+
 import argparse
 import os
 import sys
@@ -31,7 +32,9 @@ QUESTIONS = [
 def chat_prompts(tok):
     out = []
     for q in QUESTIONS:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
 
@@ -58,7 +61,9 @@ def run_hf(hf, prompts, args, seed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=2, help="timed runs of each side per thread count, alternating")
+    ap.add_argument(
+        "--reps", type=int, default=2, help="timed runs of each side per thread count, alternating"
+    )
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per completion")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -85,7 +90,9 @@ def main():
             for name, fn, m in (("ours", run_ours, ours), ("transformers", run_hf, hf)):
                 k, dt = fn(m, prompts, args, seed=rep)
                 rates[name].append(k / dt)
-                print(f"  {n} thread(s) rep {rep} {name:>12}: {k} tokens in {dt:6.1f} s = {k / dt:7.1f} tok/s")
+                print(
+                    f"  {n} thread(s) rep {rep} {name:>12}: {k} tokens in {dt:6.1f} s = {k / dt:7.1f} tok/s"
+                )
         best[n] = max(rates["ours"]), max(rates["transformers"])
     print("best of each side, completion tokens/s:")
     for n, (o, h) in best.items():

@@ -17,6 +17,7 @@ VmHWM - VmRSS(before). That is the extra peak the step needs on top of its input
 
 Run: .venv/bin/python bench/logprob.py --reps 3   (7-20 minutes on 2 shared cores)
 """
+
 import argparse
 import ctypes
 import json
@@ -36,14 +37,14 @@ SIZES = [(4096, 576, 49152, "SmolLM2-135M"), (2048, 896, 151936, "Qwen2.5-0.5B")
 def make_inputs(N, H, V, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).requires_grad_()
-    weight = torch.randn(V, H, generator=g).mul_(H ** -0.5).requires_grad_()   # logits of order 1, like a model
+    weight = torch.randn(V, H, generator=g).mul_(H**-0.5).requires_grad_()  # logits of order 1, like a model
     labels = torch.randint(0, V, (N,), generator=g)
-    grad_out = torch.randn(N, generator=g)                                      # random upstream gradient
+    grad_out = torch.randn(N, generator=g)  # random upstream gradient
     return hidden, weight, labels, grad_out
 
 
 def naive_step(hidden, weight, labels, grad_out, temperature):
-    logits = hidden @ weight.T                                                  # (N, V)
+    logits = hidden @ weight.T  # (N, V)
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
@@ -71,6 +72,7 @@ def run_timed(step, inputs, temperature):
 # ----------------------------------------------------------------------------------------------------------------
 # Peak memory, one child process per variant
 
+
 def _status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -81,7 +83,7 @@ def _status_kib(field):
 
 def child_measure(variant, N, H, V, temperature):
     step = STEPS[variant]
-    step(*make_inputs(64, H, 1024, seed=1), temperature)                          # warm-up at a tiny size
+    step(*make_inputs(64, H, 1024, seed=1), temperature)  # warm-up at a tiny size
     inputs = make_inputs(N, H, V)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -90,7 +92,7 @@ def child_measure(variant, N, H, V, temperature):
     base = _status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                                        # reset VmHWM to the current RSS
+            f.write("5")  # reset VmHWM to the current RSS
         reset = True
     except OSError:
         reset = False
@@ -100,8 +102,17 @@ def child_measure(variant, N, H, V, temperature):
 
 
 def measure_memory(variant, N, H, V, temperature):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, str(N), str(H), str(V),
-           "--temperature", str(temperature)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        variant,
+        str(N),
+        str(H),
+        str(V),
+        "--temperature",
+        str(temperature),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     if not res["hwm_reset"]:
@@ -112,10 +123,11 @@ def measure_memory(variant, N, H, V, temperature):
 # ----------------------------------------------------------------------------------------------------------------
 # The floor: bytes per row the GPU log-prob kernel must move (one pass over the row's logits each way)
 
+
 def bytes_per_row(V, logit_bytes):
-    label, scalar = 8, 4                                     # int64 label in; fp32 logp / lse / upstream grad
-    fwd = V * logit_bytes + label + 2 * scalar               # read logits row; write logp and lse
-    bwd = 2 * V * logit_bytes + label + 2 * scalar           # read logits row, write grad row (in place); read lse, g
+    label, scalar = 8, 4  # int64 label in; fp32 logp / lse / upstream grad
+    fwd = V * logit_bytes + label + 2 * scalar  # read logits row; write logp and lse
+    bwd = 2 * V * logit_bytes + label + 2 * scalar  # read logits row, write grad row (in place); read lse, g
     return fwd, bwd
 
 
@@ -143,13 +155,18 @@ def main():
         return
 
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, temperature {args.temperature}, "
-          f"best of {args.reps}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, temperature {args.temperature}, "
+        f"best of {args.reps}"
+    )
     rows = []
     for N, H, V, name in SIZES:
         print(f"\n{name}: N={N} H={H} V={V}", flush=True)
         mem = {v: measure_memory(v, N, H, V, args.temperature) for v in STEPS}
-        print(f"  extra peak RSS: naive {mib(mem['naive']):.0f} MiB, fused {mib(mem['fused']):.0f} MiB", flush=True)
+        print(
+            f"  extra peak RSS: naive {mib(mem['naive']):.0f} MiB, fused {mib(mem['fused']):.0f} MiB",
+            flush=True,
+        )
         inputs = make_inputs(N, H, V)
         times = {v: [] for v in STEPS}
         for _ in range(args.reps):
@@ -160,14 +177,20 @@ def main():
         rows.append((name, N, H, V, mem, t))
         del inputs
 
-    print("\n| model sizes | N | H | V | naive peak MiB | fused peak MiB | peak ratio | naive s | fused s | time ratio |")
+    print(
+        "\n| model sizes | N | H | V | naive peak MiB | fused peak MiB | peak ratio | naive s | fused s | time ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, N, H, V, mem, t in rows:
-        print(f"| {name} | {N} | {H} | {V} | {mib(mem['naive']):.0f} | {mib(mem['fused']):.0f} | "
-              f"{mem['fused'] / mem['naive']:.3f} | {t['naive']:.2f} | {t['fused']:.2f} | "
-              f"{t['fused'] / t['naive']:.3f} |")
-    print("(peak = extra resident memory of one forward + backward above its inputs, grads included; "
-          "targets: peak ratio <= 0.25, time ratio <= 1.0)")
+        print(
+            f"| {name} | {N} | {H} | {V} | {mib(mem['naive']):.0f} | {mib(mem['fused']):.0f} | "
+            f"{mem['fused'] / mem['naive']:.3f} | {t['naive']:.2f} | {t['fused']:.2f} | "
+            f"{t['fused'] / t['naive']:.3f} |"
+        )
+    print(
+        "(peak = extra resident memory of one forward + backward above its inputs, grads included; "
+        "targets: peak ratio <= 0.25, time ratio <= 1.0)"
+    )
 
     print("\nGPU log-prob kernel, bytes per row it must move (computed, not measured):")
     print("| V | logits | kernel fwd | kernel bwd | kernel total | eager PyTorch fwd+bwd |")
@@ -176,8 +199,10 @@ def main():
         for dt, nb in (("bf16", 2), ("fp32", 4)):
             f, b = bytes_per_row(V, nb)
             nf, nbw = naive_bytes_per_row(V, nb)
-            print(f"| {V} | {dt} | {f:,} | {b:,} | {f + b:,} ({(f + b) / V:.1f} B/vocab entry) | "
-                  f"{nf + nbw:,} ({(nf + nbw) / V:.0f} B/vocab entry) |")
+            print(
+                f"| {V} | {dt} | {f:,} | {b:,} | {f + b:,} ({(f + b) / V:.1f} B/vocab entry) | "
+                f"{nf + nbw:,} ({(nf + nbw) / V:.0f} B/vocab entry) |"
+            )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Backend, chosen per call from the environment variable KERNEL_BACKEND:
     torch  the PyTorch twin (logprob_torch.py): same math, same signatures
 logprob_triton.py is imported only when first needed, so CPU-only callers never import triton.
 """
+
 import os
 
 from . import logprob_torch
@@ -29,6 +30,7 @@ def _triton():
     if _triton_module is None and _triton_error is None:
         try:
             from . import logprob_triton
+
             _triton_module = logprob_triton
         except ImportError as e:
             _triton_error = e
@@ -48,14 +50,17 @@ def backend_for(tensor):
     if module is None:
         raise RuntimeError(f"KERNEL_BACKEND=triton but triton does not import: {_triton_error}")
     if not tensor.is_cuda and not module.interpreting():
-        raise RuntimeError("KERNEL_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before kernels is "
-                           "first used (the Triton interpreter), or CUDA tensors")
+        raise RuntimeError(
+            "KERNEL_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before kernels is "
+            "first used (the Triton interpreter), or CUDA tensors"
+        )
     return module
 
 
 def fused_linear_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=None, return_entropy=False):
-    return backend_for(hidden).fused_linear_logprobs(hidden, weight, labels, temperature, chunk_size,
-                                                     return_entropy)
+    return backend_for(hidden).fused_linear_logprobs(
+        hidden, weight, labels, temperature, chunk_size, return_entropy
+    )
 
 
 def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):

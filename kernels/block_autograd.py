@@ -6,6 +6,7 @@ SwiGLU, and silu(gate) * up again as the down projection's input. The Functions 
 r, one number per token) and redo that cheap elementwise work in backward. Same math as the plain expressions:
 tests/test_model.py compares them in float64 and counts what each keeps for backward.
 """
+
 import torch
 import torch.nn.functional as F
 

@@ -6,10 +6,13 @@ with the measurements: bench/README-generate.md.
     output_logits(h, weight)               F.linear(h, weight).float()
     single_query_attention(q, k, v, mask)  F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True), one query
 """
+
 import torch
 import torch.nn.functional as F
 
-FEW_ROWS = 64  # up to this many rows a product takes the rows_linear path (a decode step has one row per completion)
+FEW_ROWS = (
+    64  # up to this many rows a product takes the rows_linear path (a decode step has one row per completion)
+)
 
 
 def rows_linear(x, weight, bias=None):
@@ -23,7 +26,11 @@ def rows_linear(x, weight, bias=None):
 def output_logits(h, weight):
     """(rows, H) final hidden states @ (V, H)^T -> (rows, V) float32 logits. On CPU in float32 by oneDNN's matmul,
     which streams the large output matrix past a few rows faster than MKL's sgemm does; F.linear elsewhere."""
-    if h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    if (
+        h.device.type == "cpu"
+        and h.dtype == weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+    ):
         return torch.ops.mkldnn._linear_pointwise(h.contiguous(), weight, None, "none", [], "")
     return F.linear(h, weight).float()
 
@@ -34,7 +41,9 @@ def single_query_attention(q, k, v, mask=None):
     key/value head are the rows of one product, so each cached key and value is read once per step."""
     B, nh, _, hd = q.shape
     n_kv = k.shape[1]
-    qg = q.reshape(B, n_kv, nh // n_kv, hd)  # query head h reads key/value head h // (nh / n_kv), as SDPA's GQA does
+    qg = q.reshape(
+        B, n_kv, nh // n_kv, hd
+    )  # query head h reads key/value head h // (nh / n_kv), as SDPA's GQA does
     s = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, n_kv, nh / n_kv, S)
     if mask is not None:
         s = s + mask

@@ -15,15 +15,19 @@ With z = logits / T (one row), lse = log sum_v exp(z_v), p_v = exp(z_v - lse):
 Rows whose label is IGNORE_INDEX (-100) give logp = 0, entropy = 0 and no gradient. Math is fp32 for fp32 / bf16 /
 fp16 inputs (float64 stays float64, so gradcheck can run on this file).
 """
+
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 384 * 2**20  # default budget for one chunk of logits: 384 MiB (see default_chunk_rows; row-chunked
-                           # paths: logprobs_from_logits here, both ops in logprob_triton.py)
+CHUNK_BYTES = (
+    384 * 2**20
+)  # default budget for one chunk of logits: 384 MiB (see default_chunk_rows; row-chunked
+# paths: logprobs_from_logits here, both ops in logprob_triton.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks and sizes (shared with logprob_triton.py)
+
 
 def compute_dtype(t):
     """fp32 math for fp32 / bf16 / fp16 inputs; float64 stays float64."""
@@ -39,8 +43,10 @@ def check_labels(labels, n_rows, vocab, where):
     bad = ((flat < 0) & (flat != IGNORE_INDEX)) | (flat >= vocab)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{where}: labels[{i}] (flattened) = {int(flat[i])} is outside [0, {vocab}) and not "
-                         f"{IGNORE_INDEX}")
+        raise ValueError(
+            f"{where}: labels[{i}] (flattened) = {int(flat[i])} is outside [0, {vocab}) and not "
+            f"{IGNORE_INDEX}"
+        )
 
 
 def check_temperature(temperature, where):
@@ -51,8 +57,10 @@ def check_temperature(temperature, where):
 def check_fused_inputs(hidden, weight, labels):
     where = "fused_linear_logprobs"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{where}: expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"{where}: expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
     check_labels(labels, hidden.shape[0], weight.shape[0], where)
 
 
@@ -75,18 +83,19 @@ def default_chunk_rows(vocab, elem_size, n_rows, chunk_size=None):
 # (c, V) tensor, and uses few whole-chunk ops: few large ops keep both cores busy (docs/EXPERIMENTS.md, 2026-11-23:
 # walking a chunk in small row blocks was slower).
 
+
 def log_softmax_rows_(z, labels, want_entropy):
     """z (c, V) scaled logits, overwritten by log_softmax(z). labels (c,) valid indices.
     Returns logp (c,) at the labels, lse (c,) and entropy (c,) or None."""
-    z_y = z.gather(1, labels[:, None]).squeeze(1)            # (c,) label logit, read before z is overwritten
+    z_y = z.gather(1, labels[:, None]).squeeze(1)  # (c,) label logit, read before z is overwritten
     # One fused, cache-blocked pass, written into its own input: ATen's CPU kernel finishes reading a row (max,
     # sum of exp) before writing that row, so out=z is safe; the float64 parity tests would catch a change.
     torch.log_softmax(z, dim=1, out=z)
-    logp = z.gather(1, labels[:, None]).squeeze(1)           # (c,) log p(label)
-    lse = z_y - logp                                         # lse = z_y - log p_y
+    logp = z.gather(1, labels[:, None]).squeeze(1)  # (c,) log p(label)
+    lse = z_y - logp  # lse = z_y - log p_y
     ent = None
     if want_entropy:
-        ent = -torch.linalg.vecdot(z.exp(), z)               # H = -sum_v p_v log p_v (one (c, V) temporary)
+        ent = -torch.linalg.vecdot(z.exp(), z)  # H = -sum_v p_v log p_v (one (c, V) temporary)
     return logp, lse, ent
 
 
@@ -98,8 +107,8 @@ def softmax_rows_(z, lse):
 def softmax_grad_rows_(z, lse, g, labels):
     """z (c, V) scaled logits -> in place G = (onehot(labels) - p) * g.
     lse (c,), g (c,) the upstream gradient already divided by T, labels (c,) valid indices."""
-    softmax_rows_(z, lse).mul_(-g[:, None])                                   # -p * g
-    z[torch.arange(z.shape[0], device=z.device), labels] += g                 # + onehot * g
+    softmax_rows_(z, lse).mul_(-g[:, None])  # -p * g
+    z[torch.arange(z.shape[0], device=z.device), labels] += g  # + onehot * g
     return z
 
 
@@ -107,26 +116,26 @@ def softmax_grad_rows_(z, lse, g, labels):
 # logprobs_from_logits: logits already exist; chunking only bounds the fp32 working copy and lets us skip the
 # second N x V tensor that log_softmax would keep.
 
-class LogprobsFromLogits(torch.autograd.Function):
 
+class LogprobsFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, want_entropy):
         # logits (N, V), labels (N,)
         N, V = logits.shape
         dtype = compute_dtype(logits)
-        valid = labels != IGNORE_INDEX                                       # (N,)
-        y = torch.where(valid, labels, 0)                                    # (N,) safe index for ignored rows
+        valid = labels != IGNORE_INDEX  # (N,)
+        y = torch.where(valid, labels, 0)  # (N,) safe index for ignored rows
         rows = default_chunk_rows(V, 4, N)
-        buf = torch.empty(rows, V, dtype=dtype, device=logits.device)       # (C, V) fp32 working copy
+        buf = torch.empty(rows, V, dtype=dtype, device=logits.device)  # (C, V) fp32 working copy
         logp = torch.empty(N, dtype=dtype, device=logits.device)
         lse = torch.empty(N, dtype=dtype, device=logits.device)
         ent = torch.zeros(N if want_entropy else 0, dtype=dtype, device=logits.device)
         for i in range(0, N, rows):
             j = min(i + rows, N)
-            z = buf[:j - i]
-            z.copy_(logits[i:j])                                             # upcast to fp32 before scaling
+            z = buf[: j - i]
+            z.copy_(logits[i:j])  # upcast to fp32 before scaling
             if temperature != 1.0:
-                z.mul_(1.0 / temperature)                                    # z = logits / T
+                z.mul_(1.0 / temperature)  # z = logits / T
             logp[i:j], lse[i:j], ent_c = log_softmax_rows_(z, y[i:j], want_entropy)
             if want_entropy:
                 ent[i:j] = ent_c
@@ -143,18 +152,18 @@ class LogprobsFromLogits(torch.autograd.Function):
         logits, y, valid, lse = ctx.saved_tensors
         N, V = logits.shape
         inv_t = 1.0 / ctx.temperature
-        g = torch.where(valid, grad_logp.to(lse.dtype) * inv_t, 0.0)         # (N,) ignored rows -> 0 gradient
-        grad_logits = torch.empty_like(logits)                               # (N, V) in the logits' dtype
+        g = torch.where(valid, grad_logp.to(lse.dtype) * inv_t, 0.0)  # (N,) ignored rows -> 0 gradient
+        grad_logits = torch.empty_like(logits)  # (N, V) in the logits' dtype
         same = grad_logits.dtype == lse.dtype
         rows = default_chunk_rows(V, 4, N)
         buf = None if same else torch.empty(rows, V, dtype=lse.dtype, device=logits.device)
         for i in range(0, N, rows):
             j = min(i + rows, N)
-            z = grad_logits[i:j] if same else buf[:j - i]                    # work directly in the output if fp32
+            z = grad_logits[i:j] if same else buf[: j - i]  # work directly in the output if fp32
             z.copy_(logits[i:j])
             if ctx.temperature != 1.0:
                 z.mul_(inv_t)
-            softmax_grad_rows_(z, lse[i:j], g[i:j], y[i:j])                 # (onehot - p) * g / T
+            softmax_grad_rows_(z, lse[i:j], g[i:j], y[i:j])  # (onehot - p) * g / T
             if not same:
                 grad_logits[i:j].copy_(z)
         return grad_logits, None, None, None
@@ -173,6 +182,7 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
     if return_entropy:
         return logp.reshape(shape), ent.reshape(shape)
     return logp.reshape(shape)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # fused_linear_logprobs: the logits are never materialized as one (N, V) tensor.
@@ -204,9 +214,9 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
 #
 # Only rows with a real label are computed: ignored rows (prompt, padding) are dropped before the matmuls.
 
-KEEP_FRACTION = 0.8           # share of the logits forward may keep for backward ...
-KEEP_BYTES = 2**30            # ... but at most 1 GiB (held from forward to backward)
-BLOCK_BYTES = 32 * 2**20      # one vocabulary block of logits: the recompute buffer, 32 MiB
+KEEP_FRACTION = 0.8  # share of the logits forward may keep for backward ...
+KEEP_BYTES = 2**30  # ... but at most 1 GiB (held from forward to backward)
+BLOCK_BYTES = 32 * 2**20  # one vocabulary block of logits: the recompute buffer, 32 MiB
 
 
 def vocab_block_cols(n_rows, vocab, elem_size, chunk_size=None):
@@ -229,12 +239,13 @@ def kept_blocks(n_rows, vocab, elem_size, cols):
     """How many of the leading vocabulary blocks forward keeps for backward: KEEP_FRACTION of the logits, or
     CHUNK_BYTES if that is more (small calls keep everything and recompute nothing), at most KEEP_BYTES. Naive holds
     >= 3 (N, V) fp32 tensors at its peak, so 0.8 of one, plus a block, stays under 0.25 of it."""
-    budget = min(max(KEEP_FRACTION * n_rows * vocab, CHUNK_BYTES / elem_size), KEEP_BYTES / elem_size)  # logits
+    budget = min(
+        max(KEEP_FRACTION * n_rows * vocab, CHUNK_BYTES / elem_size), KEEP_BYTES / elem_size
+    )  # logits
     return min(int(budget // max(n_rows * cols, 1)), -(-vocab // cols))
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size, want_entropy, keep):
         # hidden (N, H), weight (V, H), labels (N,)
@@ -242,48 +253,54 @@ class FusedLinearLogprobs(torch.autograd.Function):
         V = weight.shape[0]
         dtype = compute_dtype(hidden)
         esize = torch.finfo(dtype).bits // 8
-        rows_idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)             # (n,) rows that have a label
+        rows_idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) rows that have a label
         n = rows_idx.numel()
-        h = _scaled(_select_rows(hidden, rows_idx, dtype), temperature)     # (n, H) h / T
-        W = weight.to(dtype)                                                 # (V, H) no copy when already fp32
-        y = labels[rows_idx]                                                 # (n,)
+        h = _scaled(_select_rows(hidden, rows_idx, dtype), temperature)  # (n, H) h / T
+        W = weight.to(dtype)  # (V, H) no copy when already fp32
+        y = labels[rows_idx]  # (n,)
         cols = vocab_block_cols(n, V, esize, chunk_size)
         blocks = vocab_blocks(V, cols)
         n_keep = kept_blocks(n, V, esize, cols) if keep and n > 0 else 0
         B = len(blocks)
-        z_y = torch.zeros(n, dtype=dtype, device=hidden.device)             # (n,) label logit
-        lse_b = torch.empty(n, B, dtype=dtype, device=hidden.device)        # (n, B) logsumexp per block
+        z_y = torch.zeros(n, dtype=dtype, device=hidden.device)  # (n,) label logit
+        lse_b = torch.empty(n, B, dtype=dtype, device=hidden.device)  # (n, B) logsumexp per block
         u_b = torch.empty(n, B if want_entropy else 0, dtype=dtype, device=hidden.device)  # (n, B) E_block[z]
-        m_b = torch.empty(n, B, dtype=dtype, device=hidden.device)          # (n, B) row max per block
-        buf = torch.empty(n * cols, dtype=dtype, device=hidden.device)      # z of the current block, reused
-        scratch = torch.empty(n * cols if n_keep < B else 0, dtype=dtype, device=hidden.device)  # exp(z - m) of a
-                                                                             # block not kept, reused
+        m_b = torch.empty(n, B, dtype=dtype, device=hidden.device)  # (n, B) row max per block
+        buf = torch.empty(n * cols, dtype=dtype, device=hidden.device)  # z of the current block, reused
+        scratch = torch.empty(
+            n * cols if n_keep < B else 0, dtype=dtype, device=hidden.device
+        )  # exp(z - m) of a
+        # block not kept, reused
         kept = []
         for k, (a, b) in enumerate(blocks):
             w = b - a
-            z = torch.mm(h, W[a:b].T, out=buf[:n * w].view(n, w))          # (n, w) z = h W^T / T, this block
-            hit = ((y >= a) & (y < b)).nonzero().squeeze(1)                  # rows whose label is in this block
+            z = torch.mm(h, W[a:b].T, out=buf[: n * w].view(n, w))  # (n, w) z = h W^T / T, this block
+            hit = ((y >= a) & (y < b)).nonzero().squeeze(1)  # rows whose label is in this block
             z_y[hit] = z[hit, y[hit] - a]
-            m = torch.amax(z, dim=1)                                         # (n,)
+            m = torch.amax(z, dim=1)  # (n,)
             # a kept block's e gets its own tensor; the others share scratch (no fresh pages to fault in per block)
-            e_out = torch.empty(n, w, dtype=dtype, device=hidden.device) if k < n_keep else scratch[:n * w].view(n, w)
-            e = torch.sub(z, m[:, None], out=e_out).exp_()                   # (n, w) exp(z - m)
-            s = e.sum(1)                                                     # (n,)
+            e_out = (
+                torch.empty(n, w, dtype=dtype, device=hidden.device)
+                if k < n_keep
+                else scratch[: n * w].view(n, w)
+            )
+            e = torch.sub(z, m[:, None], out=e_out).exp_()  # (n, w) exp(z - m)
+            s = e.sum(1)  # (n,)
             lse_b[:, k] = m + s.log()
             m_b[:, k] = m
             if want_entropy:
-                u_b[:, k] = torch.linalg.vecdot(e, z) / s                    # E_block[z] = sum e z / s
+                u_b[:, k] = torch.linalg.vecdot(e, z) / s  # E_block[z] = sum e z / s
             if k < n_keep:
                 kept.append(e)
-        lse = torch.logsumexp(lse_b, dim=1)                                  # (n,) over the whole vocabulary
+        lse = torch.logsumexp(lse_b, dim=1)  # (n,) over the whole vocabulary
         logp_v = z_y - lse
         logp = _scatter_rows(logp_v, rows_idx, N)
         ent = torch.zeros(0, dtype=dtype, device=hidden.device)
-        if want_entropy:                                                     # H = lse - sum_b P(block b) E_block[z]
+        if want_entropy:  # H = lse - sum_b P(block b) E_block[z]
             ent = _scatter_rows(lse - ((lse_b - lse[:, None]).exp() * u_b).sum(1), rows_idx, N)
         ctx.save_for_backward(hidden, weight, rows_idx, y, lse, m_b)
         ctx.temperature, ctx.cols = temperature, cols
-        ctx.kept = kept or None                                              # [(n, w)] exp(z - m_b) of blocks 0..
+        ctx.kept = kept or None  # [(n, w)] exp(z - m_b) of blocks 0..
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -293,18 +310,22 @@ class FusedLinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         dtype, T, cols = lse.dtype, ctx.temperature, ctx.cols
         n, (V, H) = rows_idx.numel(), weight.shape
-        kept, ctx.kept = ctx.kept, None                                      # usable once (retain_graph recomputes)
-        h = _select_rows(hidden, rows_idx, dtype)                            # (n, H)
-        h_t = _scaled(h, T)                                                  # (n, H) h / T, for the recompute
-        W = weight.to(dtype)                                                 # (V, H)
-        g = grad_logp[rows_idx].to(dtype) / T                                # (n,) upstream grad / T
-        neg_gh = h * (-g[:, None])                                           # (n, H) -g h
+        kept, ctx.kept = ctx.kept, None  # usable once (retain_graph recomputes)
+        h = _select_rows(hidden, rows_idx, dtype)  # (n, H)
+        h_t = _scaled(h, T)  # (n, H) h / T, for the recompute
+        W = weight.to(dtype)  # (V, H)
+        g = grad_logp[rows_idx].to(dtype) / T  # (n,) upstream grad / T
+        neg_gh = h * (-g[:, None])  # (n, H) -g h
         grad_h = torch.zeros(n, H, dtype=dtype, device=hidden.device) if need_h else None
         # every row of grad_W is written by exactly one block (so no zero fill, and its pages are touched block by
         # block), unless there are no rows at all
-        grad_w = (torch.empty if n > 0 else torch.zeros)(V, H, dtype=dtype, device=hidden.device) if need_w else None
+        grad_w = (
+            (torch.empty if n > 0 else torch.zeros)(V, H, dtype=dtype, device=hidden.device)
+            if need_w
+            else None
+        )
         kept = kept or []
-        c = (m_b - lse[:, None]).exp()                                       # (n, B) p = exp(z - m_b) * c, per block
+        c = (m_b - lse[:, None]).exp()  # (n, B) p = exp(z - m_b) * c, per block
         buf = None
         # G = diag(g) (onehot - P). The onehot part and the row scalings (by g, and by c) are applied to (n, H)
         # tensors, so a (n, w) block is only ever e = exp(z - m_b), kept from forward or recomputed:
@@ -313,21 +334,23 @@ class FusedLinearLogprobs(torch.autograd.Function):
         for k, (a, b) in enumerate(vocab_blocks(V, cols) if n > 0 else []):
             w = b - a
             if k < len(kept):
-                E, kept[k] = kept[k], None                                   # (n, w) exp(z - m_b) kept from forward
+                E, kept[k] = kept[k], None  # (n, w) exp(z - m_b) kept from forward
             else:
                 if buf is None:
                     buf = torch.empty(n * min(cols, V), dtype=dtype, device=hidden.device)
-                z = torch.mm(h_t, W[a:b].T, out=buf[:n * w].view(n, w))     # (n, w) recomputed z, same bits
-                E = z.sub_(m_b[:, k:k + 1]).exp_()                           # (n, w) exp(z - m_b), the same bits
+                z = torch.mm(h_t, W[a:b].T, out=buf[: n * w].view(n, w))  # (n, w) recomputed z, same bits
+                E = z.sub_(m_b[:, k : k + 1]).exp_()  # (n, w) exp(z - m_b), the same bits
             if need_h:
-                grad_h.addcmul_(E @ W[a:b], c[:, k:k + 1])                   # += diag(c_b) E_b W_b = P_b W_b
+                grad_h.addcmul_(E @ W[a:b], c[:, k : k + 1])  # += diag(c_b) E_b W_b = P_b W_b
             if need_w:
-                torch.mm(E.T, neg_gh * c[:, k:k + 1], out=grad_w[a:b])       # (w, H) -E_b^T (c_b g h) = -P_b^T (g h)
-            del E                                                            # a kept block is freed here
+                torch.mm(
+                    E.T, neg_gh * c[:, k : k + 1], out=grad_w[a:b]
+                )  # (w, H) -E_b^T (c_b g h) = -P_b^T (g h)
+            del E  # a kept block is freed here
         if need_h:
-            grad_h.sub_(W[y]).mul_(-g[:, None])                              # g * (W[y] - P W)
+            grad_h.sub_(W[y]).mul_(-g[:, None])  # g * (W[y] - P W)
         if need_w:
-            grad_w.index_add_(0, y, g[:, None] * h)                          # grad_W[y] += g h
+            grad_w.index_add_(0, y, g[:, None] * h)  # grad_W[y] += g h
         grad_hidden = _scatter_rows(grad_h, rows_idx, hidden.shape[0]).to(hidden.dtype) if need_h else None
         grad_weight = grad_w.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None, None, None, None
@@ -339,12 +362,12 @@ def vocab_blocks(vocab, cols):
 
 
 def _scaled(h, temperature):
-    return h if temperature == 1.0 else h * (1.0 / temperature)             # scale (c, H), cheaper than (c, V)
+    return h if temperature == 1.0 else h * (1.0 / temperature)  # scale (c, H), cheaper than (c, V)
 
 
 def _select_rows(x, idx, dtype):
     if idx.numel() == x.shape[0]:
-        return x.to(dtype)                                                   # every row labelled: no gather copy
+        return x.to(dtype)  # every row labelled: no gather copy
     return x.index_select(0, idx).to(dtype)
 
 
@@ -362,6 +385,7 @@ def fused_linear_logprobs(hidden, weight, labels, temperature=1.0, chunk_size=No
     check_fused_inputs(hidden, weight, labels)
     check_temperature(temperature, "fused_linear_logprobs")
     keep = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    logp, ent = FusedLinearLogprobs.apply(hidden, weight, labels.reshape(-1).long(), float(temperature), chunk_size,
-                                          return_entropy, keep)
+    logp, ent = FusedLinearLogprobs.apply(
+        hidden, weight, labels.reshape(-1).long(), float(temperature), chunk_size, return_entropy, keep
+    )
     return (logp, ent) if return_entropy else logp

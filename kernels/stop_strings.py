@@ -1,5 +1,6 @@
 """The sampler's stop strings, matched on token ids on the device, so its loop decodes nothing and copies nothing
 to the host for them. Tested against decoding each row's tokens and searching the text (tests/test_model.py)."""
+
 import torch
 
 
@@ -19,7 +20,10 @@ class StopStrings:
             ids = [[v] for v in range(vocab_size)]
             texts = (tokenizer.batch_decode(ids, skip_special_tokens=False) if hasattr(tokenizer, "batch_decode")
                      else [tokenizer.decode(i, skip_special_tokens=False) for i in ids])  # fmt: skip
-            StopStrings._tables[key] = (tokenizer, [stop_string_tables(texts, s, device) for s in stop_strings])
+            StopStrings._tables[key] = (
+                tokenizer,
+                [stop_string_tables(texts, s, device) for s in stop_strings],
+            )
         self.tables = StopStrings._tables[key][1]
         self.state = [torch.zeros(rows, len(s), dtype=torch.bool, device=device) for s in stop_strings]
 
@@ -30,7 +34,9 @@ class StopStrings:
             state = self.state[i]  # (B, n)
             hit |= inside[tok] | (state & finish[tok]).any(-1)
             moved = state & extend[tok]  # matches that p continues without completing
-            shift = torch.arange(state.shape[1], device=tok.device) - length[tok][:, None]  # (B, n): j' - len(p)
+            shift = (
+                torch.arange(state.shape[1], device=tok.device) - length[tok][:, None]
+            )  # (B, n): j' - len(p)
             self.state[i] = moved.gather(1, shift.clamp(min=0)) & (shift >= 0) | begin[tok]
         return hit
 
@@ -46,7 +52,9 @@ def stop_string_tables(texts, s, device):
     pairs = {"finish": [], "extend": [], "begin": []}  # the (v, j) entries that are True
     chars = set(s)
     for v, p in enumerate(texts):
-        if p and p[0] not in chars and p[-1] not in chars:  # shares no first or last character with s: no entry
+        if (
+            p and p[0] not in chars and p[-1] not in chars
+        ):  # shares no first or last character with s: no entry
             continue
         for j in range(1, n):
             if p.startswith(s[j:]):

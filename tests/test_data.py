@@ -80,7 +80,11 @@ def test_load_data_directory_and_jsonl(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: one-line errors naming file, record index / line, field; skip_bad counts and reports
 
-GOOD = {"question": "Q?", "answers": [["x"]], "docs": [{"title": "t", "text": "x is here", "answers_found": [1]}]}
+GOOD = {
+    "question": "Q?",
+    "answers": [["x"]],
+    "docs": [{"title": "t", "text": "x is here", "answers_found": [1]}],
+}
 
 
 def write_json(tmp_path, records, name="d.json"):
@@ -89,21 +93,35 @@ def write_json(tmp_path, records, name="d.json"):
     return p
 
 
-@pytest.mark.parametrize("bad,where,field", [
-    ({"answers": [["x"]], "docs": GOOD["docs"]}, "record 1", "question"),
-    ({"question": "  ", "answers": [["x"]], "docs": GOOD["docs"]}, "record 1", "question"),
-    ({"question": "Q?", "answers": [["x"]]}, "record 1", "docs"),
-    ({"question": "Q?", "answers": [["x"]], "docs": []}, "record 1", "docs"),
-    ({"question": "Q?", "gold": ["x"], "docs": GOOD["docs"]}, "record 1", "schema"),
-    ({"question": "Q?", "answers": [["x"]], "docs": [{"title": "t"}]}, "record 1", "docs[0].text"),
-    ({"question": "Q?", "answers": [["x"], ["y"]], "docs": GOOD["docs"]}, "record 1", "docs[0].answers_found"),
-    ({"question": "Q?", "qa_pairs": [{"short_answers": "x"}], "docs": GOOD["docs"]}, "record 1", "short_answers"),
-    ({"question": "Q?", "claims": "one claim", "docs": GOOD["docs"]}, "record 1", "claims"),
-    ({"question": "Q?", "answers": "x", "docs": GOOD["docs"]}, "record 1", "answers"),
-    ({"question": "Q?", "answers": [["x"]], "docs": [{"text": "x", "answers_found": ["1"]}]}, "record 1",
-     "docs[0].answers_found"),
-    ("not an object", "record 1", "record"),
-])
+@pytest.mark.parametrize(
+    "bad,where,field",
+    [
+        ({"answers": [["x"]], "docs": GOOD["docs"]}, "record 1", "question"),
+        ({"question": "  ", "answers": [["x"]], "docs": GOOD["docs"]}, "record 1", "question"),
+        ({"question": "Q?", "answers": [["x"]]}, "record 1", "docs"),
+        ({"question": "Q?", "answers": [["x"]], "docs": []}, "record 1", "docs"),
+        ({"question": "Q?", "gold": ["x"], "docs": GOOD["docs"]}, "record 1", "schema"),
+        ({"question": "Q?", "answers": [["x"]], "docs": [{"title": "t"}]}, "record 1", "docs[0].text"),
+        (
+            {"question": "Q?", "answers": [["x"], ["y"]], "docs": GOOD["docs"]},
+            "record 1",
+            "docs[0].answers_found",
+        ),
+        (
+            {"question": "Q?", "qa_pairs": [{"short_answers": "x"}], "docs": GOOD["docs"]},
+            "record 1",
+            "short_answers",
+        ),
+        ({"question": "Q?", "claims": "one claim", "docs": GOOD["docs"]}, "record 1", "claims"),
+        ({"question": "Q?", "answers": "x", "docs": GOOD["docs"]}, "record 1", "answers"),
+        (
+            {"question": "Q?", "answers": [["x"]], "docs": [{"text": "x", "answers_found": ["1"]}]},
+            "record 1",
+            "docs[0].answers_found",
+        ),
+        ("not an object", "record 1", "record"),
+    ],
+)
 def test_bad_record_errors(tmp_path, bad, where, field):
     path = write_json(tmp_path, [GOOD, bad])
     with pytest.raises(data.DataError) as e:
@@ -128,7 +146,13 @@ def test_bad_json_list(tmp_path):
 
 def test_skip_bad_counts_and_reports(tmp_path, capsys):
     p = tmp_path / "d.jsonl"
-    lines = [json.dumps(GOOD), "{oops", json.dumps({"question": "Q?"}), json.dumps(GOOD), json.dumps({"x": 1})]
+    lines = [
+        json.dumps(GOOD),
+        "{oops",
+        json.dumps({"question": "Q?"}),
+        json.dumps(GOOD),
+        json.dumps({"x": 1}),
+    ]
     p.write_text("\n".join(lines))
     got = data.load_records(p, skip_bad=True)
     assert len(got) == 2
@@ -137,8 +161,14 @@ def test_skip_bad_counts_and_reports(tmp_path, capsys):
 
 
 def test_missing_answers_found_filled_by_substring(tmp_path):
-    rec = {"question": "Q?", "answers": [["Arle River"], ["Cole"]],
-           "docs": [{"title": "A", "text": "The Arle River's source."}, {"title": "B", "text": "Coles and more"}]}
+    rec = {
+        "question": "Q?",
+        "answers": [["Arle River"], ["Cole"]],
+        "docs": [
+            {"title": "A", "text": "The Arle River's source."},
+            {"title": "B", "text": "Coles and more"},
+        ],
+    }
     (r,) = data.load_records(write_json(tmp_path, [rec]))
     # "arle rivers" contains "arle river" (+s); "coles" contains "cole" (+s): both flags 1.
     assert [d["answers_found"] for d in r.docs] == [[1, 0], [0, 1]] and r.answerable
@@ -146,10 +176,29 @@ def test_missing_answers_found_filled_by_substring(tmp_path):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["question", "docs", "answers", "qa_pairs", "short_answers", "claims", "title", "text",
-                         "answers_found", "id"]), inner, max_size=6),
-    max_leaves=25)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "question",
+                    "docs",
+                    "answers",
+                    "qa_pairs",
+                    "short_answers",
+                    "claims",
+                    "title",
+                    "text",
+                    "answers_found",
+                    "id",
+                ]
+            ),
+            inner,
+            max_size=6,
+        )
+    ),
+    max_leaves=25,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -237,14 +286,22 @@ def test_synthetic_two_hop_bridge():
 
 def test_synthetic_seeded_and_splits_disjoint():
     a = data.synthetic_records("train", 50, seed=7)
-    assert [(r.question, r.docs) for r in a] == [(r.question, r.docs) for r in data.synthetic_records("train", 50, 7)]
+    assert [(r.question, r.docs) for r in a] == [
+        (r.question, r.docs) for r in data.synthetic_records("train", 50, 7)
+    ]
     assert [r.question for r in a] != [r.question for r in data.synthetic_records("train", 50, 8)]
     train = set().union(*(data.entities(r) for r in data.synthetic_records("train", 1000, 0)))
     ev = set().union(*(data.entities(r) for r in data.synthetic_records("eval", 300, 0)))
     assert train and ev and not train & ev
     words = lambda names: {w for n in names for w in n.split() if w not in ("Lake", "Mount", "River")}  # noqa: E731
     assert not words(train) & words(ev)  # not even the bare names ("Kalo" vs "Lake Kalo")
-    for x in ("Quenby", "Ashgrove", "Pellor", "Arle", "Brisk"):  # the worked example's entities are in no split
+    for x in (
+        "Quenby",
+        "Ashgrove",
+        "Pellor",
+        "Arle",
+        "Brisk",
+    ):  # the worked example's entities are in no split
         assert x not in words(train) | words(ev)
 
 
@@ -276,7 +333,11 @@ def test_templates_match_trust_prompts():
     for name in ("asqa", "qampari", "eli5"):
         p = json.loads((PROMPTS / f"{name}_refusal.json").read_text())
         assert data.INSTRUCTIONS[name] == p["instruction"]
-        assert (data.DEMO_PROMPT, data.DOC_PROMPT, data.DEMO_SEP) == (p["demo_prompt"], p["doc_prompt"], p["demo_sep"])
+        assert (data.DEMO_PROMPT, data.DOC_PROMPT, data.DEMO_SEP) == (
+            p["demo_prompt"],
+            p["doc_prompt"],
+            p["demo_sep"],
+        )
 
 
 def test_build_prompt_synthetic(tok):
@@ -290,7 +351,9 @@ def test_build_prompt_synthetic(tok):
     for i, d in enumerate(r.docs, start=1):
         assert f"Document [{i}](Title: {d['title']}): {d['text']}" in text
     ex = data.worked_example(r)
-    assert ex["answer"] in text and "Document [" in ex["answer"]  # the worked example, with its citation and tags
+    assert (
+        ex["answer"] in text and "Document [" in ex["answer"]
+    )  # the worked example, with its citation and tags
     assert text.index(ex["question"]) < text.index(r.question)
     short, _ = data.build_prompt(r, tok, worked_example=False)
     assert len(short) < len(ids) and "Example" not in tok.decode(short)
@@ -332,7 +395,9 @@ def test_worked_example_evidence_moves():
     for i in range(30):
         ex = data.worked_example(data.Record(f"r{i}", "q", [["1"]], [], True, "synthetic"))
         k = [t for t, _ in ex["docs"]].index("Mount Ashgrove") + 1
-        assert f"Document [{k}]" in ex["answer"] and f"[{k}].</answer>" in ex["answer"] and len(ex["docs"]) == 3
+        assert (
+            f"Document [{k}]" in ex["answer"] and f"[{k}].</answer>" in ex["answer"] and len(ex["docs"]) == 3
+        )
         seen.add(k)
     assert seen == {1, 2, 3}
 
@@ -397,11 +462,11 @@ def test_rule_written_traces_earn_the_full_stage_reward():
             total1, _ = rewards.stage_reward(completion, r, 1)
             assert total2 == pytest.approx(3.5 if answerable else 3.0), (r.id, completion)
             assert total1 == pytest.approx(3.0 if answerable else 2.0), (r.id, completion)
-            if answerable:    # the citation is the evidence document, and the think names it
+            if answerable:  # the citation is the evidence document, and the think names it
                 k = r.meta["evidence"][0]
                 assert c["supported_em_statements"] == 1 and f"[{k}]." in completion
                 assert f"{r.meta['target']} is in Document [{k}]" in completion
-            if two_hop:       # the think resolves the bridge first: "Document [b] says it is <target>."
+            if two_hop:  # the think resolves the bridge first: "Document [b] says it is <target>."
                 assert f"says it is {r.meta['target']}." in completion
 
 
@@ -418,16 +483,26 @@ def test_rule_written_alce_traces(name):
             assert c["refused"] == 1.0
             continue
         assert c["refused"] == 0.0 and c["em_statements"] == c["supported_em_statements"] >= 1
-        if not any(". " in a for g in r.answers for a in g):    # the splitter cuts "H. H. Asquith" at its periods
-            assert c["em_statements"] == c["statements"]         # no statement without a gold answer
+        if not any(
+            ". " in a for g in r.answers for a in g
+        ):  # the splitter cuts "H. H. Asquith" at its periods
+            assert c["em_statements"] == c["statements"]  # no statement without a gold answer
 
 
 def test_gold_completions_file(tmp_path):
     good = tmp_path / "gold.jsonl"
-    good.write_text('{"id": "a", "completion": "<think>x</think><answer>y</answer>"}\n\n{"id": 7, "completion": "z"}\n')
-    assert data.load_gold_completions(good) == {"a": "x</think><answer>y</answer>", "7": "z"}   # prefill dropped
-    for text, where, field in [('{"id": "a"}\n', "line 1", "completion"), ('{"completion": "x"}\n', "line 1", "id"),
-                               ('{"id": "a", "completion": "x"}\n{oops\n', "line 2", "invalid JSON")]:
+    good.write_text(
+        '{"id": "a", "completion": "<think>x</think><answer>y</answer>"}\n\n{"id": 7, "completion": "z"}\n'
+    )
+    assert data.load_gold_completions(good) == {
+        "a": "x</think><answer>y</answer>",
+        "7": "z",
+    }  # prefill dropped
+    for text, where, field in [
+        ('{"id": "a"}\n', "line 1", "completion"),
+        ('{"completion": "x"}\n', "line 1", "id"),
+        ('{"id": "a", "completion": "x"}\n{oops\n', "line 2", "invalid JSON"),
+    ]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)
         with pytest.raises(data.DataError) as e:

@@ -1,6 +1,7 @@
 """eval.py: Trust-Score metrics on small hand-built record sets, every expected number worked out by hand in the
 comments (from the definitions in docs/METHOD.md, "Evaluation"), plus the CLI's error paths
 and --predictions / --compare / --plot. No model is needed except in one CLI test, which uses a tiny random one."""
+
 import json
 import subprocess
 import sys
@@ -26,8 +27,15 @@ def doc(found, text="some text"):
 
 def record(answers, docs, source="asqa", is_list=False, id="q", question="Which?"):
     answerable = any(any(d.get("answers_found") or []) for d in docs)
-    return Record(id=id, question=question, answers=answers, docs=docs, answerable=answerable, source=source,
-                  is_list=is_list)
+    return Record(
+        id=id,
+        question=question,
+        answers=answers,
+        docs=docs,
+        answerable=answerable,
+        source=source,
+        is_list=is_list,
+    )
 
 
 def completion(answer):
@@ -44,12 +52,12 @@ def approx(x):
 
 def test_refusal_rule():
     assert E.is_refused(REFUSAL)
-    assert E.is_refused("I apologize, but I couldn't find an answer.")   # the flag itself, 100 > 85
+    assert E.is_refused("I apologize, but I couldn't find an answer.")  # the flag itself, 100 > 85
     # The eval flag is only the first half of the sentence, so a short refusal counts (the reward's rule, which
     # looks for the whole sentence, does not count it): that is the evaluator's behaviour.
     assert E.is_refused("I couldn't find an answer.")
     assert not E.is_refused("Paris is the capital of France [1].")
-    assert not E.is_refused("")           # empty answer: partial ratio 0, so it is "answered"
+    assert not E.is_refused("")  # empty answer: partial ratio 0, so it is "answered"
     # The threshold: the normalized flag is "i apologize but i couldnt find answer" (37 characters). An answer of
     # the same length is compared whole: difflib ratio 2M / (37 + 37), M = matching characters. Replacing 5
     # letters by "q" leaves M = 32: 64/74 = 0.865 > 0.85, a refusal; 6 letters: 62/74 = 0.838, not one.
@@ -85,8 +93,12 @@ def test_mixed_set_by_hand():
         record([["Rome"]], [doc([0]), doc([0])], id="r3"),
         record([["Rome"]], [doc([0]), doc([0])], id="r4"),
     ]
-    preds = [completion("Paris is one [1]. Lyon is another [3]."), completion(REFUSAL), completion(REFUSAL),
-             completion("It is Madrid [1].")]
+    preds = [
+        completion("Paris is one [1]. Lyon is another [3]."),
+        completion(REFUSAL),
+        completion(REFUSAL),
+        completion("It is Madrid [1]."),
+    ]
     s = E.trust_score(records, preds)
     # answered {R1, R4}: AR = 2/4
     assert s["AR"] == approx(50.0)
@@ -117,8 +129,10 @@ def test_f1_ac_is_a_harmonic_mean():
 
 def test_mixed_sources_scored_per_source():
     # asqa: answered correctly with a supporting citation. qampari: answerable but refused.
-    records = [record([["Paris"]], [doc([1])], id="a"),
-               record([["Heat"]], [doc([1])], source="qampari", is_list=True, id="q")]
+    records = [
+        record([["Paris"]], [doc([1])], id="a"),
+        record([["Heat"]], [doc([1])], source="qampari", is_list=True, id="q"),
+    ]
     _, s = E.evaluate(records, [completion("Paris [1]."), completion(REFUSAL)])
     # all: refusal P = 0/1, R = 0/0 -> 0; answer P = 1/1, R = 1/2 -> 2/3: F1_GR = 100/3.
     # AC answered = 1, answerable = 1/2 -> hmean 2/3. Citations (asqa only answered): 1, 1 -> F1_GC = 100.
@@ -131,8 +145,11 @@ def test_mixed_sources_scored_per_source():
 
 def test_nothing_answered():
     # two answerable and one unanswerable question, every one refused.
-    records = [record([["Alpha"]], [doc([1])], id="a"), record([["Beta"]], [doc([1])], id="b"),
-               record([["Gamma"]], [doc([0])], id="c")]
+    records = [
+        record([["Alpha"]], [doc([1])], id="a"),
+        record([["Beta"]], [doc([1])], id="b"),
+        record([["Gamma"]], [doc([0])], id="c"),
+    ]
     s = E.trust_score(records, [completion(REFUSAL)] * 3)
     assert s["AR"] == 0.0
     # refusal P = 1/3 (only c is unanswerable), R = 1/1, F1 = 2*(1/3)*1/(4/3) = 1/2.
@@ -169,8 +186,11 @@ def test_nothing_answerable():
 
 def test_empty_predictions():
     # an empty completion (or None) is not a refusal: it is an answer with no statements and no citations.
-    records = [record([["Alpha"]], [doc([1])], id="a"), record([["Beta"]], [doc([1])], id="b"),
-               record([["Gamma"]], [doc([1])], id="c")]
+    records = [
+        record([["Alpha"]], [doc([1])], id="a"),
+        record([["Beta"]], [doc([1])], id="b"),
+        record([["Gamma"]], [doc([1])], id="c"),
+    ]
     s = E.trust_score(records, ["", None, completion("")])
     assert s["AR"] == approx(100.0)
     # answer P = 3/3, R = 3/3 -> 1; refusal: no refusals, no unanswerable -> 0. F1_GR = 50.
@@ -178,7 +198,7 @@ def test_empty_predictions():
     # correctness 0 everywhere; recall = precision = 0 (no statements, no citations: empty denominators)
     assert s["F1_AC"] == 0.0 and s["F1_GC"] == 0.0
     assert s["TRUST"] == approx(50.0 / 3)
-    assert E.trust_score([], [])["TRUST"] == 0.0   # no records at all: zeros, not a ZeroDivisionError
+    assert E.trust_score([], [])["TRUST"] == 0.0  # no records at all: zeros, not a ZeroDivisionError
 
 
 def test_mismatched_lengths_raise():
@@ -224,7 +244,9 @@ def test_joint_support_and_imprecision():
     }
     for answer, (recall, precision) in cases.items():
         row = E.score_question(r, completion(answer))
-        assert (row["citation_recall"], row["citation_precision"]) == (approx(recall), approx(precision)), answer
+        assert (row["citation_recall"], row["citation_precision"]) == (approx(recall), approx(precision)), (
+            answer
+        )
     assert E.score_question(r, completion("Paris is in France [3][9]."))["n_citations"] == 0
     # a second citation covering only a gold group the statement does not contain (Lyon) is imprecise; the
     # "shares a group with the others" exception looks at the other citations only, not at the document itself
@@ -248,8 +270,10 @@ def test_citation_recall_over_statements():
 
 def test_support_from_text_when_no_answers_found():
     # no answers_found: a document covers a group when a normalized alias is a substring of its title + text
-    r = record([["Eiffel Tower"]], [{"title": "Paris", "text": "The Eiffel tower is tall."},
-                                     {"title": "Rome", "text": "Colosseum."}])
+    r = record(
+        [["Eiffel Tower"]],
+        [{"title": "Paris", "text": "The Eiffel tower is tall."}, {"title": "Rome", "text": "Colosseum."}],
+    )
     assert E.score_question(r, completion("The Eiffel Tower [1]."))["citation_recall"] == 1.0
     assert E.score_question(r, completion("The Eiffel Tower [2]."))["citation_recall"] == 0.0
 
@@ -265,12 +289,12 @@ def test_asqa_correctness_over_supported_groups_only():
     row = E.score_question(r, completion("Ali Daei [1]. Sinclair [2]."))
     assert row["correctness"] == approx(0.5)
     s = E.trust_score([r], [completion("Ali Daei [1]. Sinclair [2].")])
-    assert s["F1_AC"] == approx(50.0)   # hmean(1/2 answered, 1/2 answerable)
+    assert s["F1_AC"] == approx(50.0)  # hmean(1/2 answered, 1/2 answerable)
 
 
 def test_qampari_top5_recall():
     names = ["Heat", "Sanctuary", "Crying Freeman", "Strain", "Wounded Man", "Akira", "Nausicaa"]
-    found = [1, 1, 1, 1, 1, 1, 0]   # 6 supported groups, Nausicaa not in any document
+    found = [1, 1, 1, 1, 1, 1, 0]  # 6 supported groups, Nausicaa not in any document
     r = record([[n] for n in names], [doc(found)], source="qampari", is_list=True)
     # 6 correct + 2 wrong items: precision 6/8; hits 6 -> recall min(5,6)/min(5,6) = 1; F1 = 2*.75/1.75 = 6/7
     pred = "Heat, Sanctuary, Crying Freeman, Strain, Wounded Man, Akira, Naruto, Bleach."
@@ -286,16 +310,20 @@ def test_qampari_top5_recall():
 
 def test_qampari_citations_per_item():
     # statements are the comma items; "Heat [1]" supported, "Akira [1]" not (doc1 lacks Akira), "Strain" uncited
-    r = record([["Heat"], ["Akira"], ["Strain"]], [doc([1, 0, 1]), doc([0, 1, 0])], source="qampari",
-               is_list=True)
+    r = record(
+        [["Heat"], ["Akira"], ["Strain"]], [doc([1, 0, 1]), doc([0, 1, 0])], source="qampari", is_list=True
+    )
     row = E.score_question(r, completion("Heat [1], Akira [1], Strain"))
     assert row["n_statements"] == 3 and row["n_citations"] == 2
     assert row["citation_recall"] == approx(1 / 3) and row["citation_precision"] == approx(1 / 2)
 
 
 def test_eli5_claims_lexical_judge_and_user_judge():
-    claims = ["Salmonella is a bacteria found in raw eggs.", "Raw flour can carry E. coli germs.",
-              "Cookie dough bites are pasteurized."]
+    claims = [
+        "Salmonella is a bacteria found in raw eggs.",
+        "Raw flour can carry E. coli germs.",
+        "Cookie dough bites are pasteurized.",
+    ]
     r = record([[c] for c in claims], [doc([1, 1, 0]), doc([0, 1, 0])], source="eli5")
     # claims 0 and 1 are supported; the answer restates claim 0 only.
     # lexical judge: claim 0's content words {salmonella, bacteria, found, raw, eggs} all occur -> entailed;
@@ -319,8 +347,11 @@ def test_reward_summary():
     s = E.reward_summary(records, [completion("Alpha [1]."), "Alpha [1]."])
     assert s["format_compliance"] == approx(50.0) and s["tag_count"] == approx(0.5)
     from rewards import stage_reward
-    expected = (stage_reward(completion("Alpha [1]."), records[0], 2)[0]
-                + stage_reward("Alpha [1].", records[1], 2)[0]) / 2
+
+    expected = (
+        stage_reward(completion("Alpha [1]."), records[0], 2)[0]
+        + stage_reward("Alpha [1].", records[1], 2)[0]
+    ) / 2
     assert s["stage2_reward"] == approx(expected)
 
 
@@ -329,8 +360,9 @@ def test_reward_summary():
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def one_line_error(proc):
@@ -344,12 +376,24 @@ def one_line_error(proc):
 def alce_records():
     """Two ASQA-format records: q1 answerable (doc1 has the answer), q2 unanswerable."""
     return [
-        {"sample_id": "q1", "question": "Capital of France?", "qa_pairs": [{"short_answers": ["Paris"]}],
-         "docs": [{"title": "France", "text": "Paris is its capital.", "answers_found": [1]},
-                  {"title": "Spain", "text": "Madrid.", "answers_found": [0]}]},
-        {"sample_id": "q2", "question": "Capital of Atlantis?", "qa_pairs": [{"short_answers": ["Poseidonia"]}],
-         "docs": [{"title": "Myths", "text": "Nothing here.", "answers_found": [0]},
-                  {"title": "Sea", "text": "Water.", "answers_found": [0]}]},
+        {
+            "sample_id": "q1",
+            "question": "Capital of France?",
+            "qa_pairs": [{"short_answers": ["Paris"]}],
+            "docs": [
+                {"title": "France", "text": "Paris is its capital.", "answers_found": [1]},
+                {"title": "Spain", "text": "Madrid.", "answers_found": [0]},
+            ],
+        },
+        {
+            "sample_id": "q2",
+            "question": "Capital of Atlantis?",
+            "qa_pairs": [{"short_answers": ["Poseidonia"]}],
+            "docs": [
+                {"title": "Myths", "text": "Nothing here.", "answers_found": [0]},
+                {"title": "Sea", "text": "Water.", "answers_found": [0]},
+            ],
+        },
     ]
 
 
@@ -378,8 +422,12 @@ def test_cli_scores_predictions_file(tmp_path):
     # q1 answered correctly with a supporting citation; q2 refused: every score is 100 by hand:
     # AR = 1/2 -> 50. refusal P = R = 1, answer P = R = 1 -> F1_GR 100. correctness 1 over answered and
     # answerable -> F1_AC 100. q1: one statement supported, one precise citation -> F1_GC 100. TRUST 100.
-    preds.write_text(json.dumps({"text": completion("Paris is the capital [1].")}) + "\n"
-                     + json.dumps({"text": completion(REFUSAL)}) + "\n")
+    preds.write_text(
+        json.dumps({"text": completion("Paris is the capital [1].")})
+        + "\n"
+        + json.dumps({"text": completion(REFUSAL)})
+        + "\n"
+    )
     out = tmp_path / "run_a"
     proc = run_cli("--data", str(data), "--predictions", str(preds), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -396,14 +444,20 @@ def test_cli_scores_predictions_file(tmp_path):
     (tmp_path / "reversed.jsonl").write_text("".join(json.dumps(x) + "\n" for x in reversed(lines)))
     (tmp_path / "alce_result.json").write_text(json.dumps({"data": [{"output": x["text"]} for x in lines]}))
     for name in ("reversed.jsonl", "alce_result.json"):
-        proc = run_cli("--data", str(data), "--predictions", str(tmp_path / name), "--out", str(tmp_path / name[:4]))
+        proc = run_cli(
+            "--data", str(data), "--predictions", str(tmp_path / name), "--out", str(tmp_path / name[:4])
+        )
         assert proc.returncode == 0, proc.stderr
         again = json.loads((tmp_path / name[:4] / "scores.json").read_text())
         assert all(again[k] == scores[k] for k in E.METRICS), name
 
     # a second run where q1 is answered without a citation: F1_GC = 0, TRUST = (100 + 100 + 0) / 3
-    preds.write_text(json.dumps({"text": completion("Paris is the capital.")}) + "\n"
-                     + json.dumps({"text": completion(REFUSAL)}) + "\n")
+    preds.write_text(
+        json.dumps({"text": completion("Paris is the capital.")})
+        + "\n"
+        + json.dumps({"text": completion(REFUSAL)})
+        + "\n"
+    )
     proc = run_cli("--data", str(data), "--predictions", str(preds), "--out", str(tmp_path / "run_b"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run_b" / "scores.json").read_text())["TRUST"] == approx(200 / 3)
@@ -417,16 +471,35 @@ def test_cli_scores_predictions_file(tmp_path):
 def test_cli_plot(tmp_path):
     # the fields grpo.py writes (reward_mean, reward/<component> and diagnostics, kl, completion_len_*)
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({
-        "step": i, "reward_mean": 0.1 * i, "reward_std": 0.3, "reward/format": 0.05 * i, "reward/em": 0.0,
-        "reward/statements": 2.0, "kl": 0.01, "completion_len_mean": 40 - i, "lr": 1e-5}) + "\n" for i in range(5)))
+    metrics.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "step": i,
+                    "reward_mean": 0.1 * i,
+                    "reward_std": 0.3,
+                    "reward/format": 0.05 * i,
+                    "reward/em": 0.0,
+                    "reward/statements": 2.0,
+                    "kl": 0.01,
+                    "completion_len_mean": 40 - i,
+                    "lr": 1e-5,
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     assert E.metric_panels([json.loads(x) for x in metrics.read_text().splitlines()]) == {
-        "reward": ["reward_mean"], "reward components": ["reward/em", "reward/format"], "KL": ["kl"],
-        "completion length": ["completion_len_mean"]}
+        "reward": ["reward_mean"],
+        "reward components": ["reward/em", "reward/format"],
+        "KL": ["kl"],
+        "completion length": ["completion_len_mean"],
+    }
     proc = run_cli("--plot", str(metrics), "--out", str(tmp_path / "plots"))
     try:
         import matplotlib  # noqa: F401
-    except ImportError:   # optional dependency: the message must be one clear line
+    except ImportError:  # optional dependency: the message must be one clear line
         assert "matplotlib" in one_line_error(proc)
         return
     assert proc.returncode == 0, proc.stderr
@@ -441,19 +514,43 @@ def test_cli_generates_with_a_tiny_random_model(tmp_path):
     # A 2-layer random model with the built-in tokenizer: exercises prompts -> batched greedy generation ->
     # predictions.jsonl / scores.json / report.md. Its answers are noise; only the plumbing is checked.
     import torch
+
     import model as M
     from data import build_prompt, load_data
+
     try:
         tokenizer = M.load_tokenizer(M.resolve_model_path("builtin"))
     except M.ModelError as e:
         pytest.skip(f"built-in tokenizer unavailable: {e}")
     torch.manual_seed(0)
-    cfg = M.ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, eos_token_id=2)
+    cfg = M.ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        eos_token_id=2,
+    )
     M.Transformer(cfg).save_pretrained(tmp_path / "tiny", tokenizer=tokenizer)
     out = tmp_path / "run"
-    E.main(["--model", str(tmp_path / "tiny"), "--data", "builtin", "--n", "3", "--batch-size", "2",
-            "--max-new-tokens", "6", "--out", str(out)])
+    E.main(
+        [
+            "--model",
+            str(tmp_path / "tiny"),
+            "--data",
+            "builtin",
+            "--n",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(out),
+        ]
+    )
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     records = load_data("builtin", split="eval", n=3)
     assert [r["id"] for r in rows] == [r.id for r in records]
@@ -470,9 +567,14 @@ def test_cli_generates_with_a_tiny_random_model(tmp_path):
 
 def test_load_judge():
     import operator
+
     assert E.load_judge("operator:eq") is operator.eq
-    for spec, words in [("operator", "module:function"), ("no_such_module_xyz:f", "cannot load"),
-                        ("operator:no_such_function", "cannot load"), ("math:pi", "not callable")]:
+    for spec, words in [
+        ("operator", "module:function"),
+        ("no_such_module_xyz:f", "cannot load"),
+        ("operator:no_such_function", "cannot load"),
+        ("math:pi", "not callable"),
+    ]:
         with pytest.raises(SystemExit) as e:
             E.load_judge(spec)
         assert words in str(e.value) and "\n" not in str(e.value)
@@ -482,6 +584,7 @@ def test_load_judge():
 @pytest.mark.parametrize("name", ["asqa", "qampari", "eli5"])
 def test_real_dev_sets_refuse_all_and_oracle(name):
     from data import load_records
+
     path = SHARED / "data" / "alce" / f"{name}_dev50.json"
     raw = json.loads(path.read_text())
     records = load_records(path)

@@ -1,7 +1,7 @@
 """bf16 with fp32 master weights, seeds per global row, FSDP2 under torchrun, the memory plan, the GPU check."""
+
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from test_grpo import PROMPTS, read_metrics, run_args, tiny_model, toy_reward  # noqa: E402
+
 import common  # noqa: E402
 import grpo  # noqa: E402
-from model import KVCache, ModelConfig, Transformer, generate, load_tokenizer  # noqa: E402
-from test_grpo import PROMPTS, read_metrics, run_args, tiny_dir, tiny_model, toy_reward  # noqa: E402,F401
+from model import KVCache, Transformer, generate  # noqa: E402
 
 
 def mean_abs_change(start, end):
@@ -27,15 +28,17 @@ def mean_abs_change(start, end):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. bf16 that learns
 
+
 def test_bf16_master_weights_move_like_fp32_and_are_saved(tiny_dir, tmp_path, monkeypatch):
     import rewards
+
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     start = load_file(str(tiny_dir / "model.safetensors"))
     moved = {}
     for dtype in ("float32", "bfloat16"):
         grpo.main(run_args(tiny_dir, tmp_path / dtype, "--steps", "3", "--dtype", dtype, "--lr", "1e-5"))
         saved = load_file(str(tmp_path / dtype / "checkpoint" / "model.safetensors"))
-        assert all(t.dtype == torch.float32 for t in saved.values()), dtype   # the masters, not their rounding
+        assert all(t.dtype == torch.float32 for t in saved.values()), dtype  # the masters, not their rounding
         moved[dtype] = mean_abs_change(start, saved)
     # AdamW's first steps move every weight by ~lr whatever the gradient's scale, so both runs move ~3 lr on
     # average; plain bf16 AdamW instead loses the update to rounding (weights ~0.1: steps of 2^-8 relative,
@@ -49,35 +52,42 @@ def test_bf16_master_weights_move_like_fp32_and_are_saved(tiny_dir, tmp_path, mo
 
 def test_bf16_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     import rewards
+
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     args = ("--steps", "3", "--dtype", "bfloat16", "--lr", "1e-4")
     grpo.main(run_args(tiny_dir, tmp_path / "full", *args))
     grpo.main(run_args(tiny_dir, tmp_path / "cut", *args, "--stop-after", "1"))
     grpo.main(run_args(tiny_dir, tmp_path / "cut", *args, "--resume"))
-    assert read_metrics(tmp_path / "cut" / "metrics.jsonl") == read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert read_metrics(tmp_path / "cut" / "metrics.jsonl") == read_metrics(
+        tmp_path / "full" / "metrics.jsonl"
+    )
     a = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)      # same fp32 masters, bit for bit (CPU, same seeds)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same fp32 masters, bit for bit (CPU, same seeds)
 
 
 def test_bf16_lora_keeps_the_base_in_bf16_and_fp32_adapter_masters(tiny_dir):
     cfg = grpo.Config(dtype="bfloat16", lora_rank=4)
     policy, _ = common.load_models(cfg, str(tiny_dir), str(tiny_dir), torch.device("cpu"))
     assert policy.model.layers[0].self_attn.q_proj.base.weight.dtype == torch.bfloat16
-    assert policy.masters and all("lora_" in n and m.dtype == torch.float32 for n, m in policy.masters.items())
+    assert policy.masters and all(
+        "lora_" in n and m.dtype == torch.float32 for n, m in policy.masters.items()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. seeds per global row
 
+
 def test_rows_sampled_by_their_place_in_the_global_batch():
     model = tiny_model(seed=3)
     both, _, _ = generate(model, PROMPTS[:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5)
-    second, _, _ = generate(model, PROMPTS[1:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5,
-                            first_row=3)
+    second, _, _ = generate(
+        model, PROMPTS[1:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5, first_row=3
+    )
     first, _, _ = generate(model, PROMPTS[1:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5)
     assert torch.equal(second, both[3:])
-    assert not torch.equal(first, both[3:])                # without the offset: other draws
+    assert not torch.equal(first, both[3:])  # without the offset: other draws
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,15 +116,28 @@ def torchrun(tmp_path, nproc, out, *args):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     Path(out).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(script), str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(script),
+        str(out),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def samples(out, rank, step):
-    return [json.loads(line) for line in (Path(out) / f"samples-rank{rank}.jsonl").read_text().splitlines()][step]
+    return [json.loads(line) for line in (Path(out) / f"samples-rank{rank}.jsonl").read_text().splitlines()][
+        step
+    ]
 
 
 def test_fsdp_two_processes_equal_one_process(tiny_dir, tmp_path):
@@ -142,12 +165,13 @@ def test_fsdp_two_processes_equal_one_process(tiny_dir, tmp_path):
 
 def test_fsdp_resume_equals_uninterrupted_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
+
     flags = ("--steps", "3", "--beta", "0.05", "--mu", "2", "--batch-prompts", "1")
     full, cut = tmp_path / "full", tmp_path / "cut"
     torchrun(tmp_path, 2, full, *run_args(tiny_dir, full, *flags))
     torchrun(tmp_path, 2, cut, *run_args(tiny_dir, cut, *flags, "--stop-after", "2"))
     torchrun(tmp_path, 2, cut, *run_args(tiny_dir, cut, *flags, "--resume"))
-    assert read_metrics(cut / "metrics.jsonl") == read_metrics(full / "metrics.jsonl")   # CPU, gloo: bitwise
+    assert read_metrics(cut / "metrics.jsonl") == read_metrics(full / "metrics.jsonl")  # CPU, gloo: bitwise
     a = load_file(str(full / "checkpoint" / "model.safetensors"))
     b = load_file(str(cut / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -165,14 +189,18 @@ def test_resume_on_another_number_of_processes(tiny_dir, tmp_path):
     flags = ("--steps", "3", "--beta", "0.05", "--log-samples", "0")
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     torchrun(tmp_path, 1, one, *run_args(tiny_dir, one, *flags))
-    torchrun(tmp_path, 2, mixed, *run_args(tiny_dir, mixed, *flags, "--batch-prompts", "1", "--stop-after", "1"))
+    torchrun(
+        tmp_path, 2, mixed, *run_args(tiny_dir, mixed, *flags, "--batch-prompts", "1", "--stop-after", "1")
+    )
     assert len(list((mixed / "checkpoint").glob("optimizer-*-of-00002.safetensors"))) == 2
     torchrun(tmp_path, 1, mixed, *run_args(tiny_dir, mixed, *flags, "--stop-after", "2", "--resume"))
     assert len(list((mixed / "checkpoint").glob("optimizer-*.safetensors"))) == 1
     torchrun(tmp_path, 2, mixed, *run_args(tiny_dir, mixed, *flags, "--batch-prompts", "1", "--resume"))
     m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(mixed / "metrics.jsonl")
     assert [m["step"] for m in m2] == [0, 1, 2]
-    for a, b in zip(m1, m2):   # float32 rounding of sums in another order (test_fsdp_two_processes_equal_one_process)
+    for a, b in zip(
+        m1, m2
+    ):  # float32 rounding of sums in another order (test_fsdp_two_processes_equal_one_process)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     a = load_file(str(one / "checkpoint" / "model.safetensors"))
     b = load_file(str(mixed / "checkpoint" / "model.safetensors"))
@@ -182,19 +210,38 @@ def test_resume_on_another_number_of_processes(tiny_dir, tmp_path):
 
 def test_fsdp_lora_bf16_runs_and_saves_merged_weights(tiny_dir, tmp_path):
     out = tmp_path / "lora"
-    torchrun(tmp_path, 2, out, *run_args(tiny_dir, out, "--steps", "1", "--batch-prompts", "1", "--lora-rank", "4",
-                                         "--dtype", "bfloat16", "--beta", "0.05"))
+    torchrun(
+        tmp_path,
+        2,
+        out,
+        *run_args(
+            tiny_dir,
+            out,
+            "--steps",
+            "1",
+            "--batch-prompts",
+            "1",
+            "--lora-rank",
+            "4",
+            "--dtype",
+            "bfloat16",
+            "--beta",
+            "0.05",
+        ),
+    )
     state = common.load_trainer_state(out / "checkpoint")
     assert state["lora"] and all(t.dtype == torch.float32 for t in state["lora"].values())
-    merged = Transformer.from_pretrained(out / "checkpoint")   # HF names: the adapters merged in
+    merged = Transformer.from_pretrained(out / "checkpoint")  # HF names: the adapters merged in
     assert merged.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The memory plan
 
+
 def builtin_config():
     from model import read_json, resolve_model_path
+
     try:
         return read_json(Path(resolve_model_path("builtin")) / "config.json")
     except Exception as e:  # noqa: BLE001
@@ -213,7 +260,7 @@ def test_plan_terms_equal_the_tensors_of_the_built_in_model():
     opt = grpo.make_optimizer(list(model.parameters()), cfg)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    opt.step()                                            # AdamW allocates its two moments
+    opt.step()  # AdamW allocates its two moments
     moments = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
     # exact counts: the plan counts the same parameters in the same dtypes (rel 1e-9: float rounding of the sums)
     assert plan["weights"] == pytest.approx(tensor_bytes(model.parameters()), rel=1e-9)
@@ -223,7 +270,10 @@ def test_plan_terms_equal_the_tensors_of_the_built_in_model():
     assert plan["kv_cache"] == pytest.approx(tensor_bytes(cache.k + cache.v), rel=1e-9)
     # FSDP over 4: a quarter of the weights, gradients and moments each, plus the whole model gathered to sample
     four = common.memory_plan(hf, cfg, world=4)
-    assert four["optimizer"] == pytest.approx(plan["optimizer"] / 4) and four["sampling_gathered"] == plan["weights"]
+    assert (
+        four["optimizer"] == pytest.approx(plan["optimizer"] / 4)
+        and four["sampling_gathered"] == plan["weights"]
+    )
 
 
 def test_plan_bf16_and_lora_terms_equal_the_tensors(tiny_dir):
@@ -243,18 +293,44 @@ def test_plan_peak_against_the_measured_peak_of_a_run(tmp_path, world):
     hf = builtin_config()
     # two steps: the second runs forward and backward with AdamW's moments allocated, the plan's steady state;
     # the built-in task's prompts are 486-505 tokens, so a 512-token budget is what the plan counts
-    flags = ["--steps", "2", "--batch-prompts", str(2 // world), "--group-size", "4", "--max-new-tokens", "16",
-             "--max-prompt-tokens", "512", "--micro-batch", "4", "--no-progress", "--log-samples", "0"]
-    code = ("import resource, sys; sys.argv = ['grpo.py'] + sys.argv[1:]; import grpo; grpo.cli(); "
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)")
-    launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node", str(world)]
+    flags = [
+        "--steps",
+        "2",
+        "--batch-prompts",
+        str(2 // world),
+        "--group-size",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--max-prompt-tokens",
+        "512",
+        "--micro-batch",
+        "4",
+        "--no-progress",
+        "--log-samples",
+        "0",
+    ]
+    code = (
+        "import resource, sys; sys.argv = ['grpo.py'] + sys.argv[1:]; import grpo; grpo.cli(); "
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)"
+    )
+    launch = (
+        [sys.executable]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    )
     script = tmp_path / "run_grpo.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + code.replace("; ", "\n"))
-    proc = subprocess.run([*launch, str(script), *flags, "--out", str(tmp_path / "run")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [*launch, str(script), *flags, "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [int(part.split()[0]) * 1024 for part in proc.stdout.split("MAXRSS")[1:]]   # Linux reports KiB
+    ranks = [int(part.split()[0]) * 1024 for part in proc.stdout.split("MAXRSS")[1:]]  # Linux reports KiB
     assert len(ranks) == world
     plan = common.memory_plan(hf, grpo.parse_args(flags + ["--dtype", "float32"]), world=world)
     # the plan's activation and runtime terms are rough, and it budgets --max-prompt-tokens for every prompt:
@@ -264,19 +340,39 @@ def test_plan_peak_against_the_measured_peak_of_a_run(tmp_path, world):
 
 def test_a_plan_that_cannot_fit_stops_before_loading(tmp_path, capsys):
     # an 8B-sized config without any weights: the error must come from the plan, before a tensor is read
-    big = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    big = dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "config.json").write_text(json.dumps(big))
     plan = common.memory_plan(big, grpo.Config(dtype="float32"), world=1)
-    assert plan["parameters"] == pytest.approx(8.03e9, rel=0.01)            # Llama-3.1-8B's published count
+    assert plan["parameters"] == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B's published count
     with pytest.raises(common.ModelError, match="memory plan"):
-        common.check_fit(plan, "cpu", available=80e9)                       # 16 B / parameter > 80 GB
-    common.check_fit(common.memory_plan(big, grpo.Config(dtype="bfloat16", lora_rank=16), world=1), "cpu",
-                     available=80e9)                                        # LoRA in bf16 fits
+        common.check_fit(plan, "cpu", available=80e9)  # 16 B / parameter > 80 GB
+    common.check_fit(
+        common.memory_plan(big, grpo.Config(dtype="bfloat16", lora_rank=16), world=1), "cpu", available=80e9
+    )  # LoRA in bf16 fits
     with pytest.raises(SystemExit) as e:
-        grpo.cli(["--model", str(tmp_path / "big"), "--out", str(tmp_path / "out"), "--steps", "1",
-                  "--dtype", "float32", "--no-progress"])
+        grpo.cli(
+            [
+                "--model",
+                str(tmp_path / "big"),
+                "--out",
+                str(tmp_path / "out"),
+                "--steps",
+                "1",
+                "--dtype",
+                "float32",
+                "--no-progress",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "memory plan" in err and len(err.splitlines()) == 1
 
@@ -284,20 +380,36 @@ def test_a_plan_that_cannot_fit_stops_before_loading(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The GPU check, its tiny version on CPU
 
+
 def test_gpu_check_tiny_runs_end_to_end_and_its_checks_pass(tmp_path):
     out = tmp_path / "gpu_check.json"
     # gguf made unimportable: the path must run where only torch, triton, transformers, ... are installed
-    code = ("import runpy, sys; sys.modules['gguf'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out",
-                           str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = (
+        "import runpy, sys; sys.modules['gguf'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert {"device", "torch", "checks", "all_passed", "logprob_7b", "grpo", "wall_s"} <= r.keys()
-    assert {"greedy_cache_equals_no_cache", "model_logits_bf16_vs_fp32", "kernel_fused_grad_weight_bfloat16",
-            "kernel_logits_grad_float32"} <= r["checks"].keys()
+    assert {
+        "greedy_cache_equals_no_cache",
+        "model_logits_bf16_vs_fp32",
+        "kernel_fused_grad_weight_bfloat16",
+        "kernel_logits_grad_float32",
+    } <= r["checks"].keys()
     assert r["all_passed"], {k: c for k, c in r["checks"].items() if not c["passed"]}
     assert {"fused_s", "naive_s", "fused_bandwidth_GBps", "floor_bytes"} <= r["logprob_7b"].keys()
     g = r["grpo"]
-    assert g["finite"] and g["grad_norm"] > 0 and g["sampling_tokens_per_s"] > 0 and g["training_tokens_per_s"] > 0
+    assert (
+        g["finite"]
+        and g["grad_norm"] > 0
+        and g["sampling_tokens_per_s"] > 0
+        and g["training_tokens_per_s"] > 0
+    )

@@ -1,4 +1,5 @@
 """The GRPO trainer on tiny random models: log-probs, one update, mu > 1, a toy task, resume, two processes."""
+
 import json
 import math
 import os
@@ -25,29 +26,40 @@ TIME_KEYS = {"tokens_per_s", "sample_time", "train_time", "step_time"}
 
 def tiny_model(vocab=64, seed=0, layers=2):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=2, bos_token_id=1,
-                      pad_token_id=2)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=2,
+    )
     model = Transformer(cfg)
     with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 0.3)   # tied head: keeps initial logits soft (std ~ 1.7)
+        model.model.embed_tokens.weight.normal_(0, 0.3)  # tied head: keeps initial logits soft (std ~ 1.7)
     return model
 
 
 def toy_batch(model, prompts, G, M, temperature, seed=0):
-    ids, mask, sampling_logp = generate(model, prompts, group_size=G, max_new_tokens=M, temperature=temperature,
-                                        eos_token_ids=(2,), seed=seed)
+    ids, mask, sampling_logp = generate(
+        model, prompts, group_size=G, max_new_tokens=M, temperature=temperature, eos_token_ids=(2,), seed=seed
+    )
     # generate runs under inference_mode: clone into ordinary tensors, as grpo.sample_and_score does
     return {"prompts": prompts, "comp_ids": ids.clone(), "comp_mask": mask.clone()}, sampling_logp.clone()
 
 
 def cfg_for(**kw):
-    base = grpo.Config(temperature=0.8, group_size=4, micro_batch=3, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
-                       grad_clip=0.0)
+    base = grpo.Config(
+        temperature=0.8, group_size=4, micro_batch=3, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0
+    )
     return replace(base, **kw)
 
 
-PROMPTS = [[1, 5, 9, 12, 7], [1, 30], [1, 4, 4, 8, 15, 16, 23, 42]]   # different lengths: left padding matters
+PROMPTS = [[1, 5, 9, 12, 7], [1, 30], [1, 4, 4, 8, 15, 16, 23, 42]]  # different lengths: left padding matters
 
 
 def test_completion_logprobs_match_sampler_and_full_sequence():
@@ -58,8 +70,16 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     outs, grads = [], []
     for share in (True, False):
         model.zero_grad()
-        logp, ent = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt,
-                                             0.7, share_prompt=share, return_entropy=True)
+        logp, ent = M.completion_logprobs(
+            model,
+            PROMPTS,
+            batch["comp_ids"],
+            batch["comp_mask"],
+            rows_prompt,
+            0.7,
+            share_prompt=share,
+            return_entropy=True,
+        )
         (logp * batch["comp_mask"]).sum().backward()
         outs.append(logp.detach())
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
@@ -91,18 +111,22 @@ def test_pack_groups_hand_example():
     # row 0: o_0 from the last prompt token (2), o_1 from 31 (3), o_2 from 32 (4); row 1 lives in pack 1 (+6)
     assert index.tolist() == [[2, 3, 4, 0], [7, 8, 0, 0], [2, 5, 0, 0]]
     assert mask.shape == (2, 1, 6, 6)
-    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
-                                         [1, 1, 0, 0, 0, 0],
-                                         [1, 1, 1, 0, 0, 0],
-                                         [1, 1, 1, 1, 0, 0],
-                                         [1, 1, 1, 1, 1, 0],
-                                         [1, 1, 1, 0, 0, 1]]   # row 2's token sees the prompt, not row 0
-    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
-                                         [1, 1, 0, 0, 0, 0],
-                                         [1, 1, 1, 0, 0, 0],
-                                         [0, 0, 0, 1, 0, 0],
-                                         [0, 0, 0, 0, 1, 0],
-                                         [0, 0, 0, 0, 0, 1]]   # padding sees only itself
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1],
+    ]  # row 2's token sees the prompt, not row 0
+    assert mask[1, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]  # padding sees only itself
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
@@ -117,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
         (lp * batch["comp_mask"]).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)      # recomputation repeats the same float32 ops
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)  # recomputation repeats the same float32 ops
 
 
 def test_make_optimizer_is_adamw():
@@ -126,7 +150,7 @@ def test_make_optimizer_is_adamw():
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(7, 5, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_()]
     opt = grpo.make_optimizer(params, cfg)
-    assert opt.defaults["fused"]                    # the memory-lean path, not silently the default
+    assert opt.defaults["fused"]  # the memory-lean path, not silently the default
     ref = [p.detach().double().clone() for p in params]
     m = [torch.zeros_like(r) for r in ref]
     v = [torch.zeros_like(r) for r in ref]
@@ -138,10 +162,10 @@ def test_make_optimizer_is_adamw():
         opt.step()
         for i, gr in enumerate(grads):
             gr = gr.double()
-            ref[i] *= 1 - cfg.lr * cfg.weight_decay                     # decoupled weight decay
+            ref[i] *= 1 - cfg.lr * cfg.weight_decay  # decoupled weight decay
             m[i] = b1 * m[i] + (1 - b1) * gr
             v[i] = b2 * v[i] + (1 - b2) * gr * gr
-            m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
+            m_hat, v_hat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
             ref[i] -= cfg.lr * m_hat / (v_hat.sqrt() + eps)
     for p, r in zip(params, ref):
         assert (p.detach().double() - r).abs().max().item() < 1e-5
@@ -169,16 +193,17 @@ def test_release_freed_memory_returns_held_heap_to_the_os():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     held, after = map(float, out.split())
-    assert held > 300                    # the premise: free() alone kept the ~400 MB freed
-    assert after < 100                   # released (the live 400 MB stay)
+    assert held > 300  # the premise: free() alone kept the ~400 MB freed
+    assert after < 100  # released (the live 400 MB stay)
 
 
 def test_release_freed_memory_without_glibc_is_a_no_op(monkeypatch):
     def no_libc(name):
         raise OSError(f"{name}: not found")
+
     monkeypatch.setattr(common, "_libc", None)
     monkeypatch.setattr(common.ctypes, "CDLL", no_libc)
-    common.release_freed_memory()          # no error
+    common.release_freed_memory()  # no error
     common.keep_large_blocks_mapped()
     assert common._libc is False
 
@@ -189,11 +214,12 @@ def test_non_finite_loss_skips_the_step():
     before = [p.detach().clone() for p in model.parameters()]
     cfg = cfg_for(group_size=2, grad_clip=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    hist = grpo.policy_update(model, None, opt, batch, torch.tensor([float("nan"), 1.0]), [0, 1], cfg, 0, 1,
-                              log=lambda *a: None)
+    hist = grpo.policy_update(
+        model, None, opt, batch, torch.tensor([float("nan"), 1.0]), [0, 1], cfg, 0, 1, log=lambda *a: None
+    )
     assert hist[0]["skipped"] == 1
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))   # weights untouched
-    assert not opt.state                                                         # no Adam moments from NaNs
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # weights untouched
+    assert not opt.state  # no Adam moments from NaNs
 
 
 def test_one_step_raises_positive_and_lowers_negative_completion():
@@ -203,17 +229,18 @@ def test_one_step_raises_positive_and_lowers_negative_completion():
 
     def seq_logp():
         with torch.no_grad():
-            lp = M.completion_logprobs(model, batch["prompts"], batch["comp_ids"], batch["comp_mask"],
-                                          rows_prompt, 1.0)
-        return (lp * batch["comp_mask"]).sum(1)                                          # (2,)
+            lp = M.completion_logprobs(
+                model, batch["prompts"], batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+            )
+        return (lp * batch["comp_mask"]).sum(1)  # (2,)
 
     before = seq_logp()
     cfg = cfg_for(group_size=2, lr=1e-3, micro_batch=2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     grpo.policy_update(model, None, opt, batch, torch.tensor([1.0, -1.0]), [0, 1], cfg, 0, 1)
     after = seq_logp()
-    assert after[0] > before[0] + 1e-3          # positive advantage: more likely
-    assert after[1] < before[1] - 1e-3          # negative advantage: less likely
+    assert after[0] > before[0] + 1e-3  # positive advantage: more likely
+    assert after[1] < before[1] - 1e-3  # negative advantage: less likely
 
 
 def test_mu2_uses_stored_old_logprobs():
@@ -238,7 +265,9 @@ def test_lora_reference_is_base_and_only_adapters_train():
     batch, _ = toy_batch(model, PROMPTS, G=2, M=6, temperature=1.0, seed=1)
     rows_prompt = torch.tensor([r // 2 for r in range(6)])
     with torch.no_grad():
-        base_lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
+        base_lp = M.completion_logprobs(
+            model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+        )
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     M.add_lora(model, rank=4, alpha=8)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -248,16 +277,19 @@ def test_lora_reference_is_base_and_only_adapters_train():
     adv = torch.tensor([1.0, -1.0] * 3)
     for _ in range(3):
         hist = grpo.policy_update(model, None, opt, batch, adv, list(range(6)), cfg, 0, 3)
-    assert hist[0]["kl"] > 0                     # the policy moved away from the adapters-off reference
+    assert hist[0]["kl"] > 0  # the policy moved away from the adapters-off reference
     with torch.no_grad(), M.adapters_off(model):
-        ref_lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
-    assert torch.allclose(ref_lp, base_lp, atol=1e-6)     # adapters off == the untouched base weights
+        ref_lp = M.completion_logprobs(
+            model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+        )
+    assert torch.allclose(ref_lp, base_lp, atol=1e-6)  # adapters off == the untouched base weights
     # the merged layers hold W + scale * B A under the Hugging Face names
     with M.lora_merged(model):
         merged = model.state_dict()
     assert set(merged) == set(base_state)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
-                           base_state["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base_state["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_toy_task_reward_rises():
@@ -270,7 +302,7 @@ def test_toy_task_reward_rises():
     for step in range(30):
         batch, _ = toy_batch(model, PROMPTS, G=8, M=8, temperature=1.0, seed=step)
         m = batch["comp_mask"]
-        reward = ((batch["comp_ids"] < 16).float() * m).sum(1) / m.sum(1)                      # (24,)
+        reward = ((batch["comp_ids"] < 16).float() * m).sum(1) / m.sum(1)  # (24,)
         means.append(reward.mean().item())
         adv = grpo.group_advantages(reward, 8)
         grpo.policy_update(model, None, opt, batch, adv, list(range(24)), cfg, step, 30)
@@ -281,6 +313,7 @@ def test_toy_task_reward_rises():
 # ----------------------------------------------------------------------------------------------------------------
 # main(): the whole loop on a tiny random model with the built-in tokenizer and the built-in data
 
+
 def toy_reward(completion, record, stage):
     """Replaces rewards.stage_reward so a random model gets a signal: the share of ASCII letters among the
     characters (random tokens of a 49k vocabulary give anything from 0 to 1)."""
@@ -288,42 +321,56 @@ def toy_reward(completion, record, stage):
     return letters / max(1, len(completion)), {"letters": float(letters), "format": 0.0}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    try:
-        from model import load_tokenizer
-        tok = load_tokenizer("builtin")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
-    model = tiny_model(vocab=len(tok), seed=5)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path, tokenizer=tok)
-    return path
-
-
 def run_args(model_dir, out, *extra):
-    return ["--model", str(model_dir), "--out", str(out), "--batch-prompts", "2", "--group-size", "3",
-            "--max-new-tokens", "6", "--max-prompt-tokens", "640", "--micro-batch", "4", "--lr", "3e-3",
-            "--warmup-steps", "1", "--no-progress", "--save-every", "100", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--batch-prompts",
+        "2",
+        "--group-size",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--max-prompt-tokens",
+        "640",
+        "--micro-batch",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--no-progress",
+        "--save-every",
+        "100",
+        *extra,
+    ]
 
 
 def read_metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}
-            for line in Path(path).read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}
+        for line in Path(path).read_text().splitlines()
+    ]
 
 
 def test_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     import rewards
+
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     grpo.main(run_args(tiny_dir, tmp_path / "full", "--steps", "4", "--mu", "2", "--beta", "0.05"))
-    grpo.main(run_args(tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05",
-                       "--stop-after", "2"))
+    grpo.main(
+        run_args(
+            tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05", "--stop-after", "2"
+        )
+    )
     assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 2
     grpo.main(run_args(tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05", "--resume"))
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "cut" / "metrics.jsonl")
-    assert len(full) == 4 and resumed == full           # CPU, same seeds: bit-identical metrics
-    assert full[-1]["grad_norm"] > 0                     # the run really trained
+    assert len(full) == 4 and resumed == full  # CPU, same seeds: bit-identical metrics
+    assert full[-1]["grad_norm"] > 0  # the run really trained
     # the checkpoint is a Hugging Face directory our loader (and transformers) can read, state loads weights_only
     assert (tmp_path / "cut" / "checkpoint" / "model.safetensors").is_file()
     state = common.load_trainer_state(tmp_path / "cut" / "checkpoint")
@@ -373,8 +420,16 @@ def test_two_processes_match_single_process(tiny_dir, tmp_path):
         script = tmp_path / f"worker{nproc}.py"
         script.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), result=str(result)))
         out = tmp_path / f"run{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(script), *run_args(tiny_dir, out, "--steps", "2", "--batch-prompts", str(2 // nproc))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(script),
+            *run_args(tiny_dir, out, "--steps", "2", "--batch-prompts", str(2 // nproc)),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -390,21 +445,29 @@ def test_two_processes_match_single_process(tiny_dir, tmp_path):
         assert torch.allclose(torch.tensor(two["params"]), torch.tensor(one["params"]), atol=1e-6), agg
 
 
-def test_sampler_mismatch_metrics_every_step_and_a_perturbation_shows(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_sampler_mismatch_metrics_every_step_and_a_perturbation_shows(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
     """Every step logs how far the sampler's log-probs are from the trainer's recomputation: float32 round-off on
     CPU (the same model, two code paths), and 0.3 when the sampler's log-probs are shifted by 0.3 on purpose."""
     import rewards
+
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     grpo.main(run_args(tiny_dir, tmp_path / "exact", "--steps", "2"))
     rows = read_metrics(tmp_path / "exact" / "metrics.jsonl")
-    assert all(0 <= r["sampling/sampling_logp_difference/max"] < 1e-4 for r in rows)     # fp32 round-off only
-    assert all(abs(r["sampling/importance_sampling_ratio/" + k] - 1) < 1e-4 for r in rows for k in ("min", "max"))
-    assert "sampler vs trainer log-probs: largest |difference|" in capsys.readouterr().out   # end-of-run summary
+    assert all(0 <= r["sampling/sampling_logp_difference/max"] < 1e-4 for r in rows)  # fp32 round-off only
+    assert all(
+        abs(r["sampling/importance_sampling_ratio/" + k] - 1) < 1e-4 for r in rows for k in ("min", "max")
+    )
+    assert (
+        "sampler vs trainer log-probs: largest |difference|" in capsys.readouterr().out
+    )  # end-of-run summary
     real_generate = grpo.generate
 
     def shifted(*args, **kw):
         ids, mask, logp = real_generate(*args, **kw)
         return ids, mask, logp + 0.3 * mask
+
     monkeypatch.setattr(grpo, "generate", shifted)
     grpo.main(run_args(tiny_dir, tmp_path / "shifted", "--steps", "1", "--tis-cap", "0.9"))
     row = read_metrics(tmp_path / "shifted" / "metrics.jsonl")[0]
@@ -418,31 +481,34 @@ def test_mask_truncated_and_overlong_penalty(tiny_dir, tmp_path, monkeypatch):
     completion's reward gains DAPO's penalty for its length, logged as the component 'overlong'."""
     import rewards
     from model import load_tokenizer
+
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     real_generate = grpo.generate
 
-    def some_end(*args, **kw):      # a random tiny model never samples EOS: make rows 0, 2, 4 end at token 3
+    def some_end(*args, **kw):  # a random tiny model never samples EOS: make rows 0, 2, 4 end at token 3
         ids, mask, logp = (x.clone() for x in real_generate(*args, **kw))
         ids[0::2, 2], mask[0::2, 3:], logp[0::2, 3:] = kw["eos_token_ids"][0], 0.0, 0.0
         return ids, mask, logp
+
     monkeypatch.setattr(grpo, "generate", some_end)
     grpo.main(run_args(tiny_dir, tmp_path / "masked", "--steps", "2", "--mask-truncated"))
     for r in read_metrics(tmp_path / "masked" / "metrics.jsonl"):
-        assert r["clipped_share"] == pytest.approx(0.5)                            # rows 1, 3, 5 cut at 6 tokens
-        assert r["kept_rows"] == 3 and r["skipped"] == 0                           # of 2 prompts x 3 completions
+        assert r["clipped_share"] == pytest.approx(0.5)  # rows 1, 3, 5 cut at 6 tokens
+        assert r["kept_rows"] == 3 and r["skipped"] == 0  # of 2 prompts x 3 completions
     monkeypatch.setattr(grpo, "generate", real_generate)
     cfg = grpo.parse_args(run_args(tiny_dir, tmp_path / "x", "--overlong-buffer", "4", "--group-size", "4"))
     model, tok = Transformer.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
     import data
+
     records = data.synthetic_records("train", 2, seed=0)
     batch = grpo.sample_and_score(model, tok, records, cfg, seed=3)
     lengths = batch["comp_mask"].sum(1).long().tolist()
     for r, (n, c) in enumerate(zip(lengths, batch["components"])):
-        penalty = max(-1.0, min(0.0, (6 - 4 - n) / 4))                        # budget 6, buffer 4, by hand
+        penalty = max(-1.0, min(0.0, (6 - 4 - n) / 4))  # budget 6, buffer 4, by hand
         assert c["overlong"] == pytest.approx(penalty)
         base, _ = toy_reward(batch["prefills"][r // 4] + batch["texts"][r], records[r // 4], 1)
         assert batch["rewards"][r].item() == pytest.approx(base + penalty, abs=1e-6)
-    assert any(c["overlong"] < 0 for c in batch["components"])                  # the penalty acted
+    assert any(c["overlong"] < 0 for c in batch["components"])  # the penalty acted
 
 
 def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
@@ -450,22 +516,40 @@ def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
     mean -log p of the gold tokens computed independently by transformers' own model on the full sequences (float32,
     a different summation order: 1e-5), its update is that mean's gradient (SGD, lr 1: the weights move by -grad),
     and one AdamW step raises the gold completions' log-probs."""
-    import data
     from transformers import AutoModelForCausalLM
+
+    import data
     from model import load_tokenizer
+
     tok = load_tokenizer(tiny_dir)
-    cfg = grpo.parse_args(["--stage", "0", "--max-prompt-tokens", "640", "--grad-clip", "0", "--micro-batch", "2",
-                           "--lr", "1", "--warmup-steps", "0", "--min-lr-ratio", "1"])       # policy_update sets the lr
+    cfg = grpo.parse_args(
+        [
+            "--stage",
+            "0",
+            "--max-prompt-tokens",
+            "640",
+            "--grad-clip",
+            "0",
+            "--micro-batch",
+            "2",
+            "--lr",
+            "1",
+            "--warmup-steps",
+            "0",
+            "--min-lr-ratio",
+            "1",
+        ]
+    )  # policy_update sets the lr
     records = data.stage_records(data.synthetic_records("train", 20, seed=1), 0)[:3]
     batch = grpo.gold_batch(tok, records, cfg, {records[0].id: "my own words</think><answer>no</answer>"})
-    assert batch["texts"][0] == "my own words</think><answer>no</answer>"          # the file's completion wins
+    assert batch["texts"][0] == "my own words</think><answer>no</answer>"  # the file's completion wins
     assert batch["texts"][1] == data.gold_completion(records[1]) and not batch["truncated"].any()
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     nll_sum, n_tok = 0.0, 0
     for r in range(3):
         n = int(batch["comp_mask"][r].sum())
         ids = torch.tensor([batch["prompts"][r] + batch["comp_ids"][r, :n].tolist()])
-        logp = torch.log_softmax(hf(ids).logits[0, -n - 1:-1].float(), -1)          # positions predicting the gold
+        logp = torch.log_softmax(hf(ids).logits[0, -n - 1 : -1].float(), -1)  # positions predicting the gold
         nll_sum = nll_sum - logp.gather(1, ids[0, -n:, None]).sum()
         n_tok += n
     nll = nll_sum / n_tok
@@ -475,13 +559,15 @@ def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     hist = grpo.policy_update(model, None, opt, batch, torch.ones(3), [0, 1, 2], cfg, 0, 1)
     assert hist[0]["nll"] == pytest.approx(nll.item(), rel=1e-5)
-    assert hist[0]["ratio_mean"] == 1.0 and hist[0]["clip_frac"] == 0.0                # no clip at ratio 1
+    assert hist[0]["ratio_mean"] == 1.0 and hist[0]["clip_frac"] == 0.0  # no clip at ratio 1
     theirs = dict(hf.named_parameters())
-    pad = hf.config.pad_token_id   # transformers' nn.Embedding(padding_idx=pad) gives that row no input gradient,
-    for name, p in model.named_parameters():                  # though <|im_end|> (= pad here) is a real prompt token
+    pad = (
+        hf.config.pad_token_id
+    )  # transformers' nn.Embedding(padding_idx=pad) gives that row no input gradient,
+    for name, p in model.named_parameters():  # though <|im_end|> (= pad here) is a real prompt token
         grad, ref = before[name] - p.detach(), theirs[name].grad
         if name == "model.embed_tokens.weight":
-            grad, ref = torch.cat([grad[:pad], grad[pad + 1:]]), torch.cat([ref[:pad], ref[pad + 1:]])
+            grad, ref = torch.cat([grad[:pad], grad[pad + 1 :]]), torch.cat([ref[:pad], ref[pad + 1 :]])
         # float32 in a different order: 1e-4 of the largest entry (as the logit parity tests)
         assert (grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-9, name
     model = Transformer.from_pretrained(tiny_dir)
@@ -489,11 +575,25 @@ def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
 
     def gold_logp():
         with torch.no_grad():
-            return (M.completion_logprobs(model, batch["prompts"], batch["comp_ids"], batch["comp_mask"],
-                                          rows_prompt, 1.0) * batch["comp_mask"]).sum(1)           # (3,)
+            return (
+                M.completion_logprobs(
+                    model, batch["prompts"], batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+                )
+                * batch["comp_mask"]
+            ).sum(1)  # (3,)
+
     start = gold_logp()
-    grpo.policy_update(model, None, torch.optim.AdamW(model.parameters()), batch, torch.ones(3), [0, 1, 2],
-                       replace(cfg, lr=1e-3), 0, 1)
+    grpo.policy_update(
+        model,
+        None,
+        torch.optim.AdamW(model.parameters()),
+        batch,
+        torch.ones(3),
+        [0, 1, 2],
+        replace(cfg, lr=1e-3),
+        0,
+        1,
+    )
     assert (gold_logp() > start + 1e-2).all()
 
 
@@ -503,25 +603,51 @@ def test_each_stage_starts_from_the_previous_stages_checkpoint(tmp_path):
     one = grpo.parse_args(["--stage", "1", "--out", str(tmp_path / "stage1")])
     two = grpo.parse_args(["--stage", "2", "--out", str(tmp_path / "stage2")])
     assert common.resolve_init(one, log=lambda *a: None) == str(tmp_path / "stage0" / "checkpoint")
-    assert common.resolve_init(two, log=lambda *a: None) == "builtin"                   # no stage-1 checkpoint yet
+    assert common.resolve_init(two, log=lambda *a: None) == "builtin"  # no stage-1 checkpoint yet
     assert common.resolve_init(grpo.parse_args(["--stage", "0"]), log=lambda *a: None) == "builtin"
 
 
 def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, monkeypatch):
     import rewards
+
     monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     out = tmp_path / "lora"
-    hist = grpo.main(run_args(tiny_dir, out, "--steps", "2", "--lora-rank", "4", "--beta", "0.1", "--kl", "k2",
-                              "--grad-checkpoint", "--drop-zero-std-groups", "--loss-agg", "seq-mean-token-sum-norm",
-                              "--scale-rewards", "batch", "--dtype", "bfloat16", "--is-level", "sequence",
-                              "--clip-ratio-c", "3", "--tis-cap", "2"))
+    hist = grpo.main(
+        run_args(
+            tiny_dir,
+            out,
+            "--steps",
+            "2",
+            "--lora-rank",
+            "4",
+            "--beta",
+            "0.1",
+            "--kl",
+            "k2",
+            "--grad-checkpoint",
+            "--drop-zero-std-groups",
+            "--loss-agg",
+            "seq-mean-token-sum-norm",
+            "--scale-rewards",
+            "batch",
+            "--dtype",
+            "bfloat16",
+            "--is-level",
+            "sequence",
+            "--clip-ratio-c",
+            "3",
+            "--tis-cap",
+            "2",
+        )
+    )
     assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"completion", "reward", "components", "advantage"} <= set(samples[0])
     config = json.loads((out / "config.json").read_text())
     assert config["lora_rank"] == 4 and config["stage"] == 1
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(out / "checkpoint")      # merged LoRA weights, HF names
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "checkpoint")  # merged LoRA weights, HF names
     ours = Transformer.from_pretrained(out / "checkpoint", dtype=torch.bfloat16)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(hf.state_dict()[name].to(torch.bfloat16), ours.state_dict()[name])
@@ -529,6 +655,7 @@ def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, m
 
 def test_batch_metrics_hand_example():
     import eval as eval_
+
     # 2 groups of G = 2: group 0 answerable (rewards 3, 1), group 1 unanswerable (rewards 2, 2 -> zero std).
     rewards = torch.tensor([3.0, 1.0, 2.0, 2.0])
     components = {"em": torch.tensor([0.5, 0.0, 0.0, 0.0]), "refused": torch.tensor([0.0, 1.0, 1.0, 0.0])}
@@ -537,28 +664,32 @@ def test_batch_metrics_hand_example():
     answerable = torch.tensor([True, True, False, False])
     m = eval_.batch_metrics(lengths, rewards, components, truncated, answerable, G=2)
     assert m["reward_mean"] == pytest.approx(2.0)
-    assert m["reward_std"] == pytest.approx(math.sqrt(2 / 3))      # unbiased: (1 + 1 + 0 + 0) / 3
+    assert m["reward_std"] == pytest.approx(math.sqrt(2 / 3))  # unbiased: (1 + 1 + 0 + 0) / 3
     assert m["frac_reward_zero_std"] == pytest.approx(0.5)
     assert m["completion_len_mean"] == pytest.approx(25.0)
     assert m["clipped_share"] == pytest.approx(0.25)
     assert m["answer_right"] == pytest.approx(0.25)
-    assert m["refused_answerable"] == pytest.approx(0.5)             # row 1 of rows 0, 1
-    assert m["refused_unanswerable"] == pytest.approx(0.5)           # row 2 of rows 2, 3
-    only_answerable = eval_.batch_metrics(lengths, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2)
+    assert m["refused_answerable"] == pytest.approx(0.5)  # row 1 of rows 0, 1
+    assert m["refused_unanswerable"] == pytest.approx(0.5)  # row 2 of rows 2, 3
+    only_answerable = eval_.batch_metrics(
+        lengths, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2
+    )
     assert "refused_unanswerable" not in only_answerable and only_answerable["refused_answerable"] == 0.5
 
 
 def test_stage_defaults_and_explicit_flags():
     zero = grpo.parse_args(["--stage", "0"])
-    assert (zero.group_size, zero.temperature, zero.out) == (1, 1.0, "runs/stage0")   # one gold each, at T = 1
-    assert zero.lr > grpo.parse_args(["--stage", "1"]).lr                                # supervised: a larger lr
+    assert (zero.group_size, zero.temperature, zero.out) == (1, 1.0, "runs/stage0")  # one gold each, at T = 1
+    assert zero.lr > grpo.parse_args(["--stage", "1"]).lr  # supervised: a larger lr
     for bad in (["--stage", "0", "--group-size", "4"], ["--stage", "1", "--gold", "x.jsonl"]):
         with pytest.raises(SystemExit):
             grpo.parse_args(bad)
     one, two = grpo.parse_args(["--stage", "1"]), grpo.parse_args(["--stage", "2"])
     assert (one.steps, one.batch_prompts, one.group_size, one.temperature, one.lr) == (8, 4, 8, 0.7, 1e-5)
     assert (two.steps, two.batch_prompts, two.group_size, two.temperature) == (30, 2, 16, 1.0)
-    assert one.batch_prompts * one.group_size == two.batch_prompts * two.group_size  # same completions per step
+    assert (
+        one.batch_prompts * one.group_size == two.batch_prompts * two.group_size
+    )  # same completions per step
     given = grpo.parse_args(["--stage", "2", "--group-size", "4", "--temperature", "0.5"])
     assert (given.batch_prompts, given.group_size, given.temperature) == (2, 4, 0.5)
     assert grpo.parse_args(["--stage", "1", "--steps", "3"]).steps == 3
@@ -570,13 +701,14 @@ def test_training_prompt_is_the_eval_prompt_in_every_stage():
     flag: the prompt without examples by default, both examples with --prompt-examples."""
     import data
     from model import ModelError, load_tokenizer
+
     try:
         tok = load_tokenizer("builtin")
     except ModelError as e:
         pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
     r = data.synthetic_records("train", 1, seed=0)[0]
-    plain, _ = data.build_prompt(r, tok, worked_example=False)            # eval.py's prompt
-    with_examples, _ = data.build_prompt(r, tok, refusal_example=True)     # eval.py --prompt-examples
+    plain, _ = data.build_prompt(r, tok, worked_example=False)  # eval.py's prompt
+    with_examples, _ = data.build_prompt(r, tok, refusal_example=True)  # eval.py --prompt-examples
     assert len(plain) < len(with_examples) / 2
     for stage in ("0", "1", "2"):
         for extra, expected in (([], plain), (["--prompt-examples"], with_examples)):
@@ -615,16 +747,32 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
     done = tmp_path / "done"
     (done / "checkpoint").mkdir(parents=True)
     tiny_model().save_pretrained(done / "checkpoint")
-    cut = tmp_path / "cut"   # a checkpoint whose optimizer files are missing
+    cut = tmp_path / "cut"  # a checkpoint whose optimizer files are missing
     shutil.copytree(tiny_dir, cut / "checkpoint")
-    torch.save(dict(step=1, opt_step=1, data_pos=[0, 2], rng_torch=torch.get_rng_state(), rng_python=random.getstate(),
-                    lora={}, config={}), cut / "checkpoint" / "trainer_state.pt")
-    cases = [(tmp_path / "out", ["--ref", str(tmp_path / "nope"), "--beta", "0.1"], "nope: model directory not found"),
-             (tmp_path / "out", ["--data", str(tmp_path / "nope.json")], "nope.json: no such file"),
-             (tmp_path / "out", ["--ref", str(small), "--beta", "0.1"], "its vocabulary has 64 tokens"),
-             (tmp_path / "out", ["--max-prompt-tokens", "100"], "more than max_prompt_tokens=100"),
-             (done, [], "holds an earlier run: pass --resume"),
-             (cut, ["--resume"], "0 optimizer-R-of-N.safetensors files, not N")]
+    torch.save(
+        dict(
+            step=1,
+            opt_step=1,
+            data_pos=[0, 2],
+            rng_torch=torch.get_rng_state(),
+            rng_python=random.getstate(),
+            lora={},
+            config={},
+        ),
+        cut / "checkpoint" / "trainer_state.pt",
+    )
+    cases = [
+        (
+            tmp_path / "out",
+            ["--ref", str(tmp_path / "nope"), "--beta", "0.1"],
+            "nope: model directory not found",
+        ),
+        (tmp_path / "out", ["--data", str(tmp_path / "nope.json")], "nope.json: no such file"),
+        (tmp_path / "out", ["--ref", str(small), "--beta", "0.1"], "its vocabulary has 64 tokens"),
+        (tmp_path / "out", ["--max-prompt-tokens", "100"], "more than max_prompt_tokens=100"),
+        (done, [], "holds an earlier run: pass --resume"),
+        (cut, ["--resume"], "0 optimizer-R-of-N.safetensors files, not N"),
+    ]
     for out, extra, expected in cases:
         with pytest.raises(SystemExit) as exc:
             grpo.cli(run_args(tiny_dir, out, "--steps", "1", *extra))
@@ -632,5 +780,5 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
         assert exc.value.code == 2
         assert err[-1].startswith("grpo.py: error: ") and expected in err[-1], err
         assert not any("Traceback" in line for line in err)
-        assert not (out / "metrics.jsonl").exists()                  # stopped before the first step
-    assert common.find_checkpoint(done) == done / "checkpoint"        # the earlier run is still there
+        assert not (out / "metrics.jsonl").exists()  # stopped before the first step
+    assert common.find_checkpoint(done) == done / "checkpoint"  # the earlier run is still there

@@ -5,6 +5,7 @@ block shrunk to 128 so that V=300 takes 3 blocks, the last one partial. The inte
 small. The real GPU build is checked ahead of time: every kernel is compiled for sm_80 and sm_90 and its cubin must
 show no stack and no local memory (no register spills).
 """
+
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ if HAVE_TRITON:
     if not AOT_CHILD:
         os.environ["TRITON_INTERPRET"] = "1"
     import kernels.logprob_triton as KT  # noqa: E402
+
     if _saved is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
@@ -39,13 +41,15 @@ import kernels  # noqa: E402
 import kernels.logprob_torch as KP  # noqa: E402
 
 IGNORE = -100
-needs_interpreter = pytest.mark.skipif(not HAVE_TRITON or not KT.interpreting(),
-                                       reason="triton missing, or kernels.logprob_triton was imported before "
-                                              "TRITON_INTERPRET=1 could be set")
+needs_interpreter = pytest.mark.skipif(
+    not HAVE_TRITON or not KT.interpreting(),
+    reason="triton missing, or kernels.logprob_triton was imported before TRITON_INTERPRET=1 could be set",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # float64 reference: the textbook formula, independent of the chunked code
+
 
 def reference(logits64, labels, temperature):
     """logits64 (N, V) float64 -> logp (N,), entropy (N,) with ignored rows 0."""
@@ -60,7 +64,7 @@ def make_case(N, H, V, dtype, seed, n_ignored=2):
     """Random hidden / weight (never zeros) with logits of order 2, labels with some ignored rows, upstream grad."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (2.0 / H**0.5)).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.randperm(N, generator=g)[:n_ignored]] = IGNORE
     grad_out = torch.randn(N, generator=g)
@@ -102,21 +106,22 @@ BF16_FUSED_ATOL, BF16_FUSED_REL = 0.08, 0.05
 # bf16 logits given directly: the reference uses the same bf16 values, so logp / entropy see only fp32 math (as
 # above), and the returned gradient is rounded to bf16 once (round to nearest: relative 2^-8 of each entry); 2^-7
 # relative to the largest entry leaves a 2x margin for the fp32 part.
-BF16_LOGITS_REL = 2.0 ** -7
+BF16_LOGITS_REL = 2.0**-7
 
 TOL = {torch.float32: (FP32_ATOL, FP32_REL), torch.bfloat16: (BF16_FUSED_ATOL, BF16_FUSED_REL)}
 
 
 def check_fused(module, dtype, temperature, chunk_size, seed):
     hidden, weight, labels, grad_out = make_case(N=11, H=24, V=300, dtype=dtype, seed=seed)
-    got = fused_and_grads(module.fused_linear_logprobs, hidden, weight, labels, grad_out, temperature,
-                          chunk_size=chunk_size)
+    got = fused_and_grads(
+        module.fused_linear_logprobs, hidden, weight, labels, grad_out, temperature, chunk_size=chunk_size
+    )
     ref = reference_fused(hidden, weight, labels, grad_out, temperature)
     atol, rel = TOL[dtype]
     ignored = labels == IGNORE
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
-    assert (got[2][ignored] == 0).all()                                        # ignored rows get no gradient
+    assert (got[2][ignored] == 0).all()  # ignored rows get no gradient
     assert (got[0].double() - ref[0]).abs().max() < atol, "logp"
     assert (got[1].double() - ref[1]).abs().max() < atol, "entropy"
     assert max_rel(got[2], ref[2]) < rel, "grad hidden"
@@ -126,7 +131,7 @@ def check_fused(module, dtype, temperature, chunk_size, seed):
 
 def check_logits(module, dtype, temperature, seed):
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(2, 3, 300, generator=g) * 3).to(dtype)              # (B, T, V), 3D on purpose
+    logits = (torch.randn(2, 3, 300, generator=g) * 3).to(dtype)  # (B, T, V), 3D on purpose
     labels = torch.randint(0, 300, (2, 3), generator=g)
     labels[0, 1] = labels[1, 2] = IGNORE
     grad_out = torch.randn(2, 3, generator=g)
@@ -137,7 +142,7 @@ def check_logits(module, dtype, temperature, seed):
     rlogp, rent = reference(x64, labels.reshape(6), temperature)
     (rgx,) = torch.autograd.grad((rlogp * grad_out.reshape(6).double()).sum(), x64)
     assert logp.shape == (2, 3) and logp.dtype == torch.float32 and gx.dtype == dtype
-    assert (logp.reshape(6).double() - rlogp).abs().max() < FP32_ATOL          # same input values: fp32 math only
+    assert (logp.reshape(6).double() - rlogp).abs().max() < FP32_ATOL  # same input values: fp32 math only
     assert (ent.reshape(6).double() - rent).abs().max() < FP32_ATOL
     rel = FP32_REL if dtype == torch.float32 else BF16_LOGITS_REL
     assert max_rel(gx.reshape(6, 300), rgx) < rel
@@ -146,6 +151,7 @@ def check_logits(module, dtype, temperature, seed):
 
 # ----------------------------------------------------------------------------------------------------------------
 # PyTorch twin
+
 
 @pytest.fixture
 def partial_keep(monkeypatch):
@@ -174,21 +180,21 @@ def test_torch_fused_kept_blocks_far_below_the_max(partial_keep):
     N, H, V, chunk = 12, 16, 256, 4
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(N, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)
-    n = N - 2                                                                   # make_case-style: 2 rows ignored
+    weight = torch.randn(V, H, generator=g) * (2.0 / H**0.5)
+    n = N - 2  # make_case-style: 2 rows ignored
     cols = KP.vocab_block_cols(n, V, 4, chunk_size=chunk)
     n_keep = KP.kept_blocks(n, V, 4, cols)
     assert 0 < n_keep < len(KP.vocab_blocks(V, cols))
-    hidden[:, -1] = 1.0                                                         # a constant feature ...
+    hidden[:, -1] = 1.0  # a constant feature ...
     weight[:, -1] = 0.0
-    weight[n_keep * cols:, -1] = 50.0                                           # ... lifts the recomputed blocks by 50
+    weight[n_keep * cols :, -1] = 50.0  # ... lifts the recomputed blocks by 50
     labels = torch.randint(0, V, (N,), generator=g)
-    labels[::2] = torch.randint(0, n_keep * cols, (N // 2,), generator=g)       # half the labels in kept blocks
+    labels[::2] = torch.randint(0, n_keep * cols, (N // 2,), generator=g)  # half the labels in kept blocks
     labels[[3, 8]] = IGNORE
     grad_out = torch.randn(N, generator=g)
     z = hidden @ weight.T
-    gap = z[:, n_keep * cols:].amax(1) - z[:, :n_keep * cols].amax(1)
-    assert (gap > 30).all(), gap                                                # the case is what it claims
+    gap = z[:, n_keep * cols :].amax(1) - z[:, : n_keep * cols].amax(1)
+    assert (gap > 30).all(), gap  # the case is what it claims
     got = fused_and_grads(KP.fused_linear_logprobs, hidden, weight, labels, grad_out, 1.0, chunk_size=chunk)
     ref = reference_fused(hidden, weight, labels, grad_out, 1.0)
     assert (got[0].double() - ref[0]).abs().max() < 1e-4, "logp"
@@ -206,8 +212,9 @@ def test_torch_logits_matches_float64(dtype, temperature):
 def test_torch_gradcheck_float64(partial_keep):
     hidden, weight, labels, _ = make_case(N=7, H=5, V=13, dtype=torch.float64, seed=3)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: KP.fused_linear_logprobs(a, b, labels, 0.8, chunk_size=3),
-                                    (h, w))
+    assert torch.autograd.gradcheck(
+        lambda a, b: KP.fused_linear_logprobs(a, b, labels, 0.8, chunk_size=3), (h, w)
+    )
     logits = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: KP.logprobs_from_logits(x, labels, 0.8), (logits,))
 
@@ -244,29 +251,30 @@ def test_bad_labels_and_backend_name(monkeypatch):
     with pytest.raises(ValueError, match=r"labels\[2\] \(flattened\) = 20"):
         kernels.fused_linear_logprobs(hidden, weight, labels)
     logp = kernels.fused_linear_logprobs(hidden, weight, torch.tensor([1, 2, 3, IGNORE], dtype=torch.int32))
-    assert logp[3] == 0 and (logp[:3] < 0).all()                              # int32 labels work too
+    assert logp[3] == 0 and (logp[:3] < 0).all()  # int32 labels work too
     monkeypatch.setenv("KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="KERNEL_BACKEND"):
         kernels.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]))
     monkeypatch.setenv("KERNEL_BACKEND", "auto")
-    assert kernels.backend_for(torch.randn(2)) is KP                          # CPU tensor: PyTorch twin
+    assert kernels.backend_for(torch.randn(2)) is KP  # CPU tensor: PyTorch twin
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels in the interpreter
+
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(KT, "FWD_BLOCK_V", 128)
     monkeypatch.setattr(KT, "BWD_BLOCK_V", 128)
     monkeypatch.setenv("KERNEL_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")                              # triton also reads it at launch
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton also reads it at launch
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype,temperature", [(torch.float32, 0.7), (torch.bfloat16, 1.0)])
 def test_triton_fused_matches_float64(small_blocks, dtype, temperature):
-    assert kernels.backend_for(torch.zeros(1)) is KT                         # the dispatcher reaches Triton
+    assert kernels.backend_for(torch.zeros(1)) is KT  # the dispatcher reaches Triton
     check_fused(kernels, dtype, temperature, chunk_size=4, seed=7)
 
 
@@ -279,8 +287,10 @@ def test_triton_logits_matches_float64(small_blocks, dtype, temperature):
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time GPU build: no spills
 
+
 def _cuobjdump():
     import triton
+
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if bundled.exists():
         return str(bundled)
@@ -295,18 +305,60 @@ def _cuobjdump():
 PTR_FWD = ["logits_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "ent_ptr", "stride_row", "V"]
 PTR_BWD = ["logits_ptr", "labels_ptr", "lse_ptr", "grad_ptr", "out_ptr", "stride_in", "stride_out", "V"]
 AOT_CASES = [
-    ("_logprob_fwd_kernel", {"logits_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
-                             "ent_ptr": "*fp32", "stride_row": "i32", "V": "i32", "inv_t": "fp32",
-                             "IGNORE": "constexpr", "BLOCK_V": "constexpr", "WANT_ENTROPY": "constexpr"},
-     {"IGNORE": IGNORE, "BLOCK_V": 4096, "WANT_ENTROPY": False}, PTR_FWD),
-    ("_logprob_fwd_kernel", {"logits_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
-                             "ent_ptr": "*fp32", "stride_row": "i32", "V": "i32", "inv_t": "fp32",
-                             "IGNORE": "constexpr", "BLOCK_V": "constexpr", "WANT_ENTROPY": "constexpr"},
-     {"IGNORE": IGNORE, "BLOCK_V": 4096, "WANT_ENTROPY": True}, PTR_FWD),
-    ("_logprob_bwd_kernel", {"logits_ptr": "*bf16", "labels_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
-                             "out_ptr": "*bf16", "stride_in": "i32", "stride_out": "i32", "V": "i32",
-                             "inv_t": "fp32", "IGNORE": "constexpr", "BLOCK_V": "constexpr"},
-     {"IGNORE": IGNORE, "BLOCK_V": 4096}, PTR_BWD),
+    (
+        "_logprob_fwd_kernel",
+        {
+            "logits_ptr": "*bf16",
+            "labels_ptr": "*i64",
+            "logp_ptr": "*fp32",
+            "lse_ptr": "*fp32",
+            "ent_ptr": "*fp32",
+            "stride_row": "i32",
+            "V": "i32",
+            "inv_t": "fp32",
+            "IGNORE": "constexpr",
+            "BLOCK_V": "constexpr",
+            "WANT_ENTROPY": "constexpr",
+        },
+        {"IGNORE": IGNORE, "BLOCK_V": 4096, "WANT_ENTROPY": False},
+        PTR_FWD,
+    ),
+    (
+        "_logprob_fwd_kernel",
+        {
+            "logits_ptr": "*bf16",
+            "labels_ptr": "*i64",
+            "logp_ptr": "*fp32",
+            "lse_ptr": "*fp32",
+            "ent_ptr": "*fp32",
+            "stride_row": "i32",
+            "V": "i32",
+            "inv_t": "fp32",
+            "IGNORE": "constexpr",
+            "BLOCK_V": "constexpr",
+            "WANT_ENTROPY": "constexpr",
+        },
+        {"IGNORE": IGNORE, "BLOCK_V": 4096, "WANT_ENTROPY": True},
+        PTR_FWD,
+    ),
+    (
+        "_logprob_bwd_kernel",
+        {
+            "logits_ptr": "*bf16",
+            "labels_ptr": "*i64",
+            "lse_ptr": "*fp32",
+            "grad_ptr": "*fp32",
+            "out_ptr": "*bf16",
+            "stride_in": "i32",
+            "stride_out": "i32",
+            "V": "i32",
+            "inv_t": "fp32",
+            "IGNORE": "constexpr",
+            "BLOCK_V": "constexpr",
+        },
+        {"IGNORE": IGNORE, "BLOCK_V": 4096},
+        PTR_BWD,
+    ),
 ]
 
 
@@ -324,8 +376,9 @@ def compile_and_dump(arch, case):
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / f"{name}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
     line = next(l for l in out.splitlines() if "REG:" in l)
     return dict(re.findall(r"(\w+):(\d+)", line))
 
@@ -335,26 +388,42 @@ def aot_usage():
     """All AOT builds, in a child process: the interpreter patches triton.language in this one, which breaks real
     compilation, so the child imports the kernels without TRITON_INTERPRET."""
     if _cuobjdump() is None:
-        pytest.skip("cuobjdump not found: not in triton/backends/nvidia/bin/ nor on PATH nor /usr/local/cuda/bin")
+        pytest.skip(
+            "cuobjdump not found: not in triton/backends/nvidia/bin/ nor on PATH nor /usr/local/cuda/bin"
+        )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")                         # silences a deprecation warning
-    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, cwd=ROOT)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a deprecation warning
+    res = subprocess.run(
+        [sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("index", range(len(AOT_CASES)),
-                         ids=[f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}" for c in AOT_CASES])
+@pytest.mark.parametrize(
+    "index",
+    range(len(AOT_CASES)),
+    ids=[f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}" for c in AOT_CASES],
+)
 def test_triton_kernels_compile_without_spills(aot_usage, arch, index):
     name, _, constexprs, _ = AOT_CASES[index]
     usage = aot_usage[f"{arch}/{index}"]
-    print(f"sm_{arch} {name} {constexprs}: registers {usage['REG']}, shared {usage['SHARED']} bytes, "
-          f"stack {usage['STACK']}, local {usage['LOCAL']}")
+    print(
+        f"sm_{arch} {name} {constexprs}: registers {usage['REG']}, shared {usage['SHARED']} bytes, "
+        f"stack {usage['STACK']}, local {usage['LOCAL']}"
+    )
     assert usage["STACK"] == "0" and usage["LOCAL"] == "0", f"register spills: {usage}"
 
 
 if AOT_CHILD:
-    print(json.dumps({f"{arch}/{i}": compile_and_dump(arch, case)
-                      for arch in (80, 90) for i, case in enumerate(AOT_CASES)}))
+    print(
+        json.dumps(
+            {
+                f"{arch}/{i}": compile_and_dump(arch, case)
+                for arch in (80, 90)
+                for i, case in enumerate(AOT_CASES)
+            }
+        )
+    )

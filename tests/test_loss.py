@@ -1,4 +1,5 @@
 """grpo_loss and group_advantages against an independent float64 reference written here with plain Python math."""
+
 import itertools
 import math
 import random
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo import grpo_loss, group_advantages  # noqa: E402
+from grpo import group_advantages, grpo_loss  # noqa: E402
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLS = ["k1", "k2", "k3"]
@@ -47,10 +48,10 @@ def random_case(seed, B=None, T=None, dtype=torch.float64):
     B = B or g.randint(1, 5)
     T = T or g.randint(1, 7)
     logp = [[-3.0 * g.random() for _ in range(T)] for _ in range(B)]
-    old = [[x + g.gauss(0, 0.4) for x in row] for row in logp]          # ratios spread across both clip edges
+    old = [[x + g.gauss(0, 0.4) for x in row] for row in logp]  # ratios spread across both clip edges
     ref = [[x + g.gauss(0, 0.6) for x in row] for row in logp]
     adv = [g.gauss(0, 1) for _ in range(B)]
-    lens = [g.randint(0, T) for _ in range(B)]                            # completions end at different places
+    lens = [g.randint(0, T) for _ in range(B)]  # completions end at different places
     mask = [[1 if t < n else 0 for t in range(T)] for n in lens]
     tensors = [torch.tensor(x, dtype=dtype) for x in (logp, old, ref, adv, mask)]
     return (logp, old, ref, adv, mask), tensors
@@ -82,12 +83,24 @@ HAND = dict(
 )
 
 
-@pytest.mark.parametrize("agg,expected", [("token-mean", 0.380121), ("seq-mean-token-mean", 0.699978),
-                                          ("seq-mean-token-sum-norm", 0.316768)])
+@pytest.mark.parametrize(
+    "agg,expected",
+    [("token-mean", 0.380121), ("seq-mean-token-mean", 0.699978), ("seq-mean-token-sum-norm", 0.316768)],
+)
 def test_hand_computed_2x3(agg, expected):
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in HAND.items()}
-    loss, m = grpo_loss(t["logp"], t["old"], t["ref"], t["adv"], t["mask"], eps_low=0.2, eps_high=0.2, beta=0.1,
-                        kl="k3", agg=agg)
+    loss, m = grpo_loss(
+        t["logp"],
+        t["old"],
+        t["ref"],
+        t["adv"],
+        t["mask"],
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.1,
+        kl="k3",
+        agg=agg,
+    )
     # the hand values are rounded to 6 decimals, so agreement to 2e-6 is all they can show
     assert loss.item() == pytest.approx(expected, abs=2e-6)
     assert m["clip_frac_low"].item() == pytest.approx(0.2, abs=1e-12)
@@ -115,7 +128,7 @@ def test_float32_input_matches_reference(agg):
         (lp, old, ref, adv, mask), t = random_case(100 + seed, B=4, T=16, dtype=torch.float32)
         loss, _ = grpo_loss(*t, eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", agg=agg)
         expected = reference_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.04, "k3", agg)
-        assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)   # ~1e-7 relative per op, 64 terms
+        assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)  # ~1e-7 relative per op, 64 terms
 
 
 def test_gradient_matches_finite_differences():
@@ -124,7 +137,9 @@ def test_gradient_matches_finite_differences():
     for agg, kl in itertools.product(AGGS, KLS):
         _, (logp, old, ref, adv, mask) = random_case(7, B=3, T=4)
         logp.requires_grad_(True)
-        f = lambda x: grpo_loss(x, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.3, kl=kl, agg=agg)[0]
+        f = lambda x: grpo_loss(x, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.3, kl=kl, agg=agg)[
+            0
+        ]
         assert torch.autograd.gradcheck(f, (logp,), eps=1e-6, atol=1e-7)
 
 
@@ -155,11 +170,13 @@ def test_invariant_to_micro_batch_split(agg):
         total, start = 0.0, 0
         for size in splits:
             sl = slice(start, start + size)
-            part, _ = grpo_loss(lp[sl], old[sl], ref[sl], adv[sl], mask[sl], num_tokens=mask.sum(), num_seqs=7, **kw)
+            part, _ = grpo_loss(
+                lp[sl], old[sl], ref[sl], adv[sl], mask[sl], num_tokens=mask.sum(), num_seqs=7, **kw
+            )
             part.backward()
             total += part.item()
             start += size
-        assert total == pytest.approx(full.item(), rel=1e-12, abs=1e-14)   # float64: summation order only
+        assert total == pytest.approx(full.item(), rel=1e-12, abs=1e-14)  # float64: summation order only
         assert torch.allclose(lp.grad, full_lp.grad, rtol=1e-12, atol=1e-15)
 
 
@@ -178,8 +195,9 @@ def test_extreme_log_ratios_stay_finite():
 def test_empty_mask_gives_zero_not_nan():
     logp = torch.zeros(2, 3, requires_grad=True)
     for agg in AGGS:
-        loss, m = grpo_loss(logp, None, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.zeros(2, 3),
-                            beta=0.1, agg=agg)
+        loss, m = grpo_loss(
+            logp, None, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.zeros(2, 3), beta=0.1, agg=agg
+        )
         assert loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
 
 
@@ -197,8 +215,23 @@ def test_bad_arguments_raise():
 # The options added later (GSPO sequence ratios, dual clip, truncated importance sampling against the sampler, the
 # sampler / trainer mismatch metrics): an independent float64 reference, and the defaults against today's code.
 
-def reference_loss_ext(logp, old, ref, adv, mask, eps_low, eps_high, beta, kl, agg, is_level="token", clip_c=None,
-                       sampler=None, tis_cap=None):
+
+def reference_loss_ext(
+    logp,
+    old,
+    ref,
+    adv,
+    mask,
+    eps_low,
+    eps_high,
+    beta,
+    kl,
+    agg,
+    is_level="token",
+    clip_c=None,
+    sampler=None,
+    tis_cap=None,
+):
     """Element by element in Python floats, from the definitions: GSPO s_i = exp(mean_t log(pi / pi_old)) clipped
     per sequence (arXiv 2507.18071); dual clip for A < 0, loss_t <= c |A| (arXiv 1912.09729, verl's clip_ratio_c);
     truncated importance sampling w = min(pi_old / pi_sampler, C) on the policy term, per token or, at sequence
@@ -241,12 +274,12 @@ def random_ext_case(seed, B=4, T=6):
     g = random.Random(seed + 1)
     old = [[x + shift for x in row] for row, shift in zip(old, (g.gauss(0, 0.4) for _ in old))]
     sampler = [[x + g.gauss(0, 0.3) for x in row] for row in old]
-    mask = [[1 if t < max(n, 1) else 0 for t in range(T)] for n in (sum(r) for r in mask)]   # no empty row
+    mask = [[1 if t < max(n, 1) else 0 for t in range(T)] for n in (sum(r) for r in mask)]  # no empty row
     t = [t[0], torch.tensor(old, dtype=torch.float64), t[2], t[3], torch.tensor(mask, dtype=torch.float64)]
     return (lp, old, ref, adv, mask, sampler), t + [torch.tensor(sampler, dtype=torch.float64)]
 
 
-OPTIONS = {   # each new option alone, and all of them together
+OPTIONS = {  # each new option alone, and all of them together
     "gspo": dict(is_level="sequence"),
     "dual_clip": dict(clip_ratio_c=1.5),
     "tis_token": dict(tis_cap=1.2),
@@ -260,13 +293,31 @@ OPTIONS = {   # each new option alone, and all of them together
 def test_new_options_match_float64_reference_value_and_gradient(agg, option):
     kw = OPTIONS[option]
     for seed in range(6):
-        (lp, old, ref, adv, mask, sampler), (logp, old_t, ref_t, adv_t, mask_t, sampler_t) = random_ext_case(seed * 7)
+        (lp, old, ref, adv, mask, sampler), (logp, old_t, ref_t, adv_t, mask_t, sampler_t) = random_ext_case(
+            seed * 7
+        )
         beta = [0.0, 0.1][seed % 2]
         logp = logp.clone().requires_grad_(True)
-        loss, m = grpo_loss(logp, old_t, ref_t, adv_t, mask_t, eps_low=0.2, eps_high=0.28, beta=beta, kl="k3",
-                            agg=agg, sampler_logp=sampler_t, **kw)
-        ref_kw = dict(is_level=kw.get("is_level", "token"), clip_c=kw.get("clip_ratio_c"), sampler=sampler,
-                      tis_cap=kw.get("tis_cap"))
+        loss, m = grpo_loss(
+            logp,
+            old_t,
+            ref_t,
+            adv_t,
+            mask_t,
+            eps_low=0.2,
+            eps_high=0.28,
+            beta=beta,
+            kl="k3",
+            agg=agg,
+            sampler_logp=sampler_t,
+            **kw,
+        )
+        ref_kw = dict(
+            is_level=kw.get("is_level", "token"),
+            clip_c=kw.get("clip_ratio_c"),
+            sampler=sampler,
+            tis_cap=kw.get("tis_cap"),
+        )
         expected = reference_loss_ext(lp, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)
         assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12), (seed, agg, option)
         # gradient: central differences of the float64 reference (h = 1e-6: truncation error ~1e-12 away from the
@@ -279,8 +330,10 @@ def test_new_options_match_float64_reference_value_and_gradient(agg, option):
                 dn = [row[:] for row in lp]
                 up[i][t] += h
                 dn[i][t] -= h
-                fd = (reference_loss_ext(up, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)
-                      - reference_loss_ext(dn, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)) / (2 * h)
+                fd = (
+                    reference_loss_ext(up, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)
+                    - reference_loss_ext(dn, old, ref, adv, mask, 0.2, 0.28, beta, "k3", agg, **ref_kw)
+                ) / (2 * h)
                 assert logp.grad[i, t].item() == pytest.approx(fd, abs=1e-6), (seed, agg, option, i, t)
 
 
@@ -291,11 +344,11 @@ def test_options_reach_their_regimes():
     logp, old_t, ref_t, adv_t, mask_t, sampler_t = t
     _, plain = grpo_loss(logp, old_t, None, adv_t, mask_t, eps_high=0.28)
     _, dual = grpo_loss(logp, old_t, None, adv_t, mask_t, eps_high=0.28, clip_ratio_c=1.5)
-    assert dual["policy_loss"] < plain["policy_loss"]                 # some A < 0 token hit the c |A| bound
+    assert dual["policy_loss"] < plain["policy_loss"]  # some A < 0 token hit the c |A| bound
     _, tis = grpo_loss(logp, old_t, None, adv_t, mask_t, sampler_logp=sampler_t, tis_cap=1.2)
-    assert tis["sampling/importance_sampling_ratio/max"].item() == pytest.approx(1.2)   # truncated at the cap
+    assert tis["sampling/importance_sampling_ratio/max"].item() == pytest.approx(1.2)  # truncated at the cap
     _, seq = grpo_loss(logp, old_t, None, adv_t, mask_t, is_level="sequence")
-    assert 0 < seq["clip_frac"] < 1                                   # some sequences clipped, not all
+    assert 0 < seq["clip_frac"] < 1  # some sequences clipped, not all
 
 
 def test_mismatch_metrics_hand_computed():
@@ -305,53 +358,70 @@ def test_mismatch_metrics_hand_computed():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float64)
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     _, m = grpo_loss(old.clone(), old, None, adv, mask, sampler_logp=sampler)
-    assert m["sampling/sampling_logp_difference/mean"].item() == pytest.approx((0.1 + 0.2 + 0 + 0.3 + 0.05) / 5)
+    assert m["sampling/sampling_logp_difference/mean"].item() == pytest.approx(
+        (0.1 + 0.2 + 0 + 0.3 + 0.05) / 5
+    )
     assert m["sampling/sampling_logp_difference/max"].item() == pytest.approx(0.3)
     w = [math.exp(x) for x in (0.1, -0.2, 0.0, 0.3, 0.05)]
     assert m["sampling/importance_sampling_ratio/min"].item() == pytest.approx(min(w))
     assert m["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(sum(w) / 5)
     assert m["sampling/importance_sampling_ratio/max"].item() == pytest.approx(max(w))
-    _, s = grpo_loss(old.clone(), old, None, adv, mask, sampler_logp=sampler, is_level="sequence", tis_cap=1.3)
-    seq = [min(math.exp(0.1 - 0.2), 1.3), min(math.exp(0.0 + 0.3 + 0.05), 1.3)]   # rows: 0.905, capped 1.3
+    _, s = grpo_loss(
+        old.clone(), old, None, adv, mask, sampler_logp=sampler, is_level="sequence", tis_cap=1.3
+    )
+    seq = [min(math.exp(0.1 - 0.2), 1.3), min(math.exp(0.0 + 0.3 + 0.05), 1.3)]  # rows: 0.905, capped 1.3
     assert s["sampling/importance_sampling_ratio/min"].item() == pytest.approx(seq[0])
     assert s["sampling/importance_sampling_ratio/max"].item() == pytest.approx(1.3)
     assert s["sampling/importance_sampling_ratio/mean"].item() == pytest.approx((2 * seq[0] + 3 * seq[1]) / 5)
 
 
-def grpo_loss_before(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3",
-              agg="token-mean", num_tokens=None, num_seqs=None):
+def grpo_loss_before(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    kl="k3",
+    agg="token-mean",
+    num_tokens=None,
+    num_seqs=None,
+):
     """grpo_loss as of commit 6f23b25, verbatim but for this docstring and the name."""
     mask = mask.to(logp.dtype)
     if old_logp is None:
-        old_logp = logp.detach()                      # mu = 1: ratio = 1 in value, but not in gradient
-    A = advantages.to(logp.dtype).unsqueeze(1)        # (B, 1), broadcast over tokens
+        old_logp = logp.detach()  # mu = 1: ratio = 1 in value, but not in gradient
+    A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1), broadcast over tokens
 
     # ratio_t = exp(logp_t - old_logp_t), the log-ratio clamped so exp cannot overflow
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)    # (B, T)
-    ratio = torch.exp(log_ratio)                                                   # (B, T)
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
     # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
     unclipped = ratio * A
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A
-    surrogate = torch.minimum(unclipped, clipped)                                  # (B, T)
+    surrogate = torch.minimum(unclipped, clipped)  # (B, T)
 
     # KL(policy || reference) per token; d = ref_logp - logp, clamped like the ratio
     if beta != 0.0 or ref_logp is not None:
         if ref_logp is None:
             raise ValueError("grpo_loss: beta != 0 needs ref_logp")
-        d = torch.clamp(ref_logp - logp, -20.0, 20.0)       # (B, T)
+        d = torch.clamp(ref_logp - logp, -20.0, 20.0)  # (B, T)
         if kl == "k1":
-            kl_t = -d                                 # k1 = logp - ref_logp (unbiased, can be negative)
+            kl_t = -d  # k1 = logp - ref_logp (unbiased, can be negative)
         elif kl == "k2":
-            kl_t = 0.5 * d * d                        # k2 = (logp - ref_logp)^2 / 2
+            kl_t = 0.5 * d * d  # k2 = (logp - ref_logp)^2 / 2
         elif kl == "k3":
-            kl_t = torch.exp(d) - d - 1.0             # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, low variance
+            kl_t = torch.exp(d) - d - 1.0  # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, low variance
         else:
             raise ValueError(f"grpo_loss: kl must be k1, k2 or k3, got {kl!r}")
     else:
         kl_t = torch.zeros_like(logp)
 
     # loss_t = -(surrogate_t - beta * kl_t)
-    per_token = -(surrogate - beta * kl_t)                                         # (B, T)
+    per_token = -(surrogate - beta * kl_t)  # (B, T)
 
     B, T = logp.shape
     if agg == "token-mean":
@@ -360,7 +430,7 @@ def grpo_loss_before(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2,
         loss = (per_token * mask).sum() / torch.clamp(n, min=1.0)
     elif agg == "seq-mean-token-mean":
         # (1 / num_seqs) sum_i [ sum_t mask * loss_t / |o_i| ]
-        seq_len = torch.clamp(mask.sum(1), min=1.0)                                  # (B,) empty rows -> 0 loss
+        seq_len = torch.clamp(mask.sum(1), min=1.0)  # (B,) empty rows -> 0 loss
         n_seq = B if num_seqs is None else num_seqs
         loss = ((per_token * mask).sum(1) / seq_len).sum() / max(n_seq, 1)
     elif agg == "seq-mean-token-sum-norm":
@@ -368,8 +438,9 @@ def grpo_loss_before(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2,
         n_seq = B if num_seqs is None else num_seqs
         loss = (per_token * mask).sum() / (max(n_seq, 1) * T)
     else:
-        raise ValueError(f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, "
-                         f"got {agg!r}")
+        raise ValueError(
+            f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {agg!r}"
+        )
 
     # Metrics: token-means over this batch's completion tokens. With mu = 1 the loss value is ~ -mean(A) ~ 0 by
     # construction, so the surrogate, the KL and the clip fractions are logged separately.
@@ -394,7 +465,6 @@ def grpo_loss_before(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2,
     return loss, metrics
 
 
-
 @pytest.mark.parametrize("agg,kl", list(itertools.product(AGGS, KLS)))
 def test_defaults_bit_identical_to_before_the_options(agg, kl):
     """With the new options off, loss, gradient and every old metric equal the code of 6f23b25 (copied above) bit
@@ -412,11 +482,13 @@ def test_defaults_bit_identical_to_before_the_options(agg, kl):
             assert torch.equal(a.grad, b.grad) and torch.equal(c.grad, b.grad)
             for k, v in m_then.items():
                 assert torch.equal(m_now[k], v) and torch.equal(m_s[k], v), k
-            assert set(m_s) - set(m_then) == {"sampling/sampling_logp_difference/mean",
-                                              "sampling/sampling_logp_difference/max",
-                                              "sampling/importance_sampling_ratio/min",
-                                              "sampling/importance_sampling_ratio/mean",
-                                              "sampling/importance_sampling_ratio/max"}
+            assert set(m_s) - set(m_then) == {
+                "sampling/sampling_logp_difference/mean",
+                "sampling/sampling_logp_difference/max",
+                "sampling/importance_sampling_ratio/min",
+                "sampling/importance_sampling_ratio/mean",
+                "sampling/importance_sampling_ratio/max",
+            }
 
 
 def test_new_options_bad_arguments_raise():
@@ -428,14 +500,16 @@ def test_new_options_bad_arguments_raise():
     with pytest.raises(ValueError, match="sampler_logp"):
         grpo_loss(x, x, None, torch.zeros(1), x, tis_cap=2.0)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # group_advantages
+
 
 def test_group_advantages_reference():
     g = random.Random(0)
     G = 4
     rewards = [g.choice([0.0, 0.25, 0.5, 1.0, 2.0]) for _ in range(6 * G)]
-    groups = [rewards[i:i + G] for i in range(0, len(rewards), G)]
+    groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]
     batch_std = statistics.stdev(rewards)
     got = {s: group_advantages(torch.tensor(rewards), G, scale=s) for s in ("group", "batch", "none")}
     for i, grp in enumerate(groups):
@@ -461,4 +535,4 @@ def test_all_equal_groups_are_exactly_zero():
         assert (adv[:6] == 0).all()
         assert adv[6] < 0 < adv[8]
     assert (group_advantages(torch.ones(8), 8) == 0).all()
-    assert (group_advantages(torch.tensor([0.5, 0.7]), 1) == 0).all()      # G = 1: nothing to compare, no NaN
+    assert (group_advantages(torch.tensor([0.5, 0.7]), 1) == 0).all()  # G = 1: nothing to compare, no NaN

@@ -5,6 +5,7 @@ in a different order (fused vs split projections, SDPA vs eager attention); over
 round-off at the 1e-7 relative level per op, so 1e-4 of the logit scale leaves ~100x headroom while any real bug
 (wrong rope layout, missing bias, wrong norm) shows up at 1e-1 or more.
 """
+
 import json
 
 import pytest
@@ -69,7 +70,9 @@ def tiny_dirs(tmp_path_factory):
 def test_logit_parity_tiny(family, tiny_dirs):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
     ours = M.Transformer.from_pretrained(tiny_dirs[family]).eval()
-    ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))  # 40 > 16: rope scaling bites
+    ids = torch.randint(
+        0, 97, (3, 40), generator=torch.Generator().manual_seed(1)
+    )  # 40 > 16: rope scaling bites
     with torch.no_grad():
         assert_logits_close(ours(ids), hf(ids).logits)
 
@@ -102,24 +105,37 @@ def test_memory_lean_functions_equal_plain_autograd_float64(name):
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     if name == "rms_norm":
-        inputs, ours, plain = (rnd(3, 5, 16), 1 + 0.1 * rnd(16)), \
-            (lambda x, w: lean.rms_norm(x, w, 1e-6)), (lambda x, w: M.rms_norm(x, w, 1e-6))
+        inputs, ours, plain = (
+            (rnd(3, 5, 16), 1 + 0.1 * rnd(16)),
+            (lambda x, w: lean.rms_norm(x, w, 1e-6)),
+            (lambda x, w: M.rms_norm(x, w, 1e-6)),
+        )
         x, w = inputs
-        assert torch.allclose(plain(x, w), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(), atol=1e-12)
+        assert torch.allclose(
+            plain(x, w), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(), atol=1e-12
+        )
     elif name == "rope":
-        angles = rnd(2, 5, 1, 4).repeat(1, 1, 1, 2)                                  # (B, T, 1, d)
+        angles = rnd(2, 5, 1, 4).repeat(1, 1, 1, 2)  # (B, T, 1, d)
         cos, sin = angles.cos(), angles.sin()
-        inputs, ours, plain = (rnd(2, 5, 3, 8),), (lambda x: lean.rope(x, cos, sin)), \
-            (lambda x: M.rope(x, cos, sin))
-        x = inputs[0]   # each pair (x_i, x_{i+4}) turned by angle a_i: (x_i cos - x_{i+4} sin, x_i sin + x_{i+4} cos)
+        inputs, ours, plain = (
+            (rnd(2, 5, 3, 8),),
+            (lambda x: lean.rope(x, cos, sin)),
+            (lambda x: M.rope(x, cos, sin)),
+        )
+        x = inputs[
+            0
+        ]  # each pair (x_i, x_{i+4}) turned by angle a_i: (x_i cos - x_{i+4} sin, x_i sin + x_{i+4} cos)
         a, b, c, s_ = x[..., :4], x[..., 4:], cos[..., :4], sin[..., :4]
         assert torch.allclose(plain(x), torch.cat([a * c - b * s_, a * s_ + b * c], -1), atol=1e-12)
     elif name == "swiglu":
         inputs, ours, plain = (3 * rnd(4, 7), rnd(4, 7)), lean.swiglu, M.swiglu
         assert torch.allclose(plain(*inputs), inputs[0] / (1 + torch.exp(-inputs[0])) * inputs[1], atol=1e-12)
-    else:                                                                            # g, u (2, 4, 7), W (5, 7)
-        inputs, ours, plain = (3 * rnd(2, 4, 7), rnd(2, 4, 7), rnd(5, 7)), lean.swiglu_down, \
-            (lambda g, u, w: torch.nn.functional.linear(M.swiglu(g, u), w))
+    else:  # g, u (2, 4, 7), W (5, 7)
+        inputs, ours, plain = (
+            (3 * rnd(2, 4, 7), rnd(2, 4, 7), rnd(5, 7)),
+            lean.swiglu_down,
+            (lambda g, u, w: torch.nn.functional.linear(M.swiglu(g, u), w)),
+        )
     inputs = [t.requires_grad_() for t in inputs]
     out_ours, out_plain = ours(*inputs), plain(*inputs)
     assert torch.allclose(out_ours, out_plain, rtol=0, atol=1e-12)
@@ -142,8 +158,13 @@ def test_activations_kept_for_backward_per_token():
     cfg = M.ModelConfig(num_hidden_layers=2)
     torch.manual_seed(0)
     model = M.Transformer(cfg)
-    H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
-        cfg.num_key_value_heads
+    H, I, hd, nh, nkv = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.head_dim,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    )
     per_layer = 2 * (H + 1) + 2 * H + 2 * nh * hd + 2 * nkv * hd + nh + 2 * I
     bound = cfg.num_hidden_layers * per_layer + (H + 1) + 2 * hd + 2
     params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
@@ -160,7 +181,7 @@ def test_activations_kept_for_backward_per_token():
         model(ids, return_hidden=True)
     floats_per_token = sum(kept.values()) / 4 / ids.numel()
     assert floats_per_token <= bound, (floats_per_token, bound)
-    assert floats_per_token > 0.9 * bound      # the count itself works (it sees the activations)
+    assert floats_per_token > 0.9 * bound  # the count itself works (it sees the activations)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -182,7 +203,10 @@ def test_left_padding_matches_unpadded(tiny_dirs):
     tokens and padding keys are masked."""
     ours = M.Transformer.from_pretrained(tiny_dirs["qwen2_bias_untied"]).eval()
     g = torch.Generator().manual_seed(3)
-    short, long = torch.randint(0, 97, (7,), generator=g).tolist(), torch.randint(0, 97, (15,), generator=g).tolist()
+    short, long = (
+        torch.randint(0, 97, (7,), generator=g).tolist(),
+        torch.randint(0, 97, (15,), generator=g).tolist(),
+    )
     ids, mask = M.left_pad([short, long], 0, "cpu")
     with torch.no_grad():
         both = ours(ids, attention_mask=mask)
@@ -202,7 +226,9 @@ def smol():
 def chat_prompts(tok, questions):
     out = []
     for q in questions:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
         out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     return out
 
@@ -218,10 +244,14 @@ def test_builtin_parity_with_transformers(smol):
 def test_builtin_conversion_matches_transformers_gguf_loader(smol):
     """transformers dequantizes the same GGUF with its own code (including the q/k un-permutation): an independent
     check of our conversion."""
-    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate (requirements-test.txt)")
+    pytest.importorskip(
+        "accelerate", reason="transformers' GGUF loader needs accelerate (requirements-test.txt)"
+    )
     _, ours, _ = smol
     g = M.builtin_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(g.parent), gguf_file=g.name, dtype=torch.float32
+    )
     ids = torch.randint(0, 49152, (2, 21), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert_logits_close(ours(ids), hf.eval()(ids).logits)
@@ -247,7 +277,9 @@ def test_greedy_cache_equals_no_cache_equals_transformers(smol):
     for r, p in enumerate(prompts):
         got = ids[r, : int(mask[r].sum())].tolist()
         assert got == greedy_without_cache(ours, p, 16, eos=2)
-        theirs = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
+        theirs = hf.generate(
+            torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2
+        )
         assert got == theirs[0, len(p) :].tolist()
 
 
@@ -264,9 +296,13 @@ PROMPTS = [[5, 9, 11], [7, 1, 2, 3, 4, 60, 61], [30, 31, 32, 33, 34]]
 
 def test_group_prefill_once_equals_independent_prefills(tiny64):
     G = 4
-    grouped = M.generate(tiny64, PROMPTS, group_size=G, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7)
+    grouped = M.generate(
+        tiny64, PROMPTS, group_size=G, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7
+    )
     repeated = [p for p in PROMPTS for _ in range(G)]  # G separate prefills of each prompt, same row seeds
-    separate = M.generate(tiny64, repeated, group_size=1, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7)
+    separate = M.generate(
+        tiny64, repeated, group_size=1, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7
+    )
     for a, b in zip(grouped, separate):
         assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=1e-12)
     # and the rows of one group are not all the same (the row seeds differ)
@@ -333,10 +369,14 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
     def pieces(s):  # s split at random places into texts that are single tokens
         cuts = sorted({rnd(len(s) - 1) + 1 for _ in range(rnd(len(s)))})
         parts = [s[a:b] for a, b in zip([0] + cuts, cuts + [len(s)])]
-        return [by_text[p] if p in by_text else by_text[c] for p in parts for c in ([p] if p in by_text else p)]
+        return [
+            by_text[p] if p in by_text else by_text[c] for p in parts for c in ([p] if p in by_text else p)
+        ]
 
     overhang = [v for v, p in enumerate(texts) if p.startswith(">") and len(p) > 1][:20]  # ">" and more text
-    inside = [v for v, p in enumerate(texts) if "ell" in p and not p.startswith("ell") and not p.endswith("ell")]
+    inside = [
+        v for v, p in enumerate(texts) if "ell" in p and not p.startswith("ell") and not p.endswith("ell")
+    ]
     three = [v for v, p in enumerate(texts) if len(p) == 3 and p.isalpha() and p != "ans"][:50]  # not s[2:5]
     assert overhang and inside and three
     rows = []
@@ -346,7 +386,9 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
         if kind == 0:
             row += pieces("</answer>")
         elif kind == 1:
-            row += pieces("</ans") + [rnd(len(tok))] + pieces("</answer>")[:-1] + [overhang[rnd(len(overhang))]]
+            row += (
+                pieces("</ans") + [rnd(len(tok))] + pieces("</answer>")[:-1] + [overhang[rnd(len(overhang))]]
+            )
         elif kind == 2:
             row += pieces("Final:") + pieces("</answer>")
         elif kind == 3:
@@ -373,6 +415,7 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
 def test_stop_strings_through_generate_match_decoding(tiny64):
     """generate with stop strings on a tokenizer whose tokens are 1- to 3-character texts: each row's mask ends at
     the first position where decoding its sampled tokens shows a stop string (or runs to the end)."""
+
     class PieceTok:  # token i decodes to one of a few short texts (one empty), so stop strings span several tokens
         texts = ["ab", "c", "a", "bca", "b", "ca", "cab", "x", "xcc", ""]
 
@@ -382,7 +425,9 @@ def test_stop_strings_through_generate_match_decoding(tiny64):
     stops = ["abca", "cc", "bcab"]
     ids, mask, _ = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[],
                               seed=2, stop_strings=stops, tokenizer=PieceTok())  # fmt: skip
-    free = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[], seed=2)[0]
+    free = M.generate(
+        tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[], seed=2
+    )[0]
     lengths = []
     for r in range(ids.shape[0]):
         t = first_stop_by_decoding(PieceTok(), free[r].tolist(), stops)
