@@ -9,7 +9,8 @@
     build_prompt      Trust-Score prompt + one format sentence, chat template, token budget, "<think>" prefill
     training_prompt   the one prompt of training (both stages) and of eval.py
 
-The task, the data format and the prompt are described in docs/METHOD.md.
+The task, the data format and the prompt are described in docs/METHOD.md. Text normalization, matching and the
+refusal sentence are text.py's; what a completion earns is rewards.py's; the evaluation is eval.py's.
 """
 
 import json
@@ -20,7 +21,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rewards import REFUSAL_SENTENCE, contains_phrase, matched_groups, normalize_answer, split_statements
+from rewards import matched_groups
+from text import REFUSAL_SENTENCE, contains_words, normalize_answer, split_statements
 
 
 @dataclass
@@ -132,7 +134,7 @@ def fill_answers_found(docs: list[dict], answers: list[list[str]]):
         if d["answers_found"] is None:
             text = normalize_answer(f"{d['title']} {d['text']}")
             d["answers_found"] = [
-                int(any(contains_phrase(text, normalize_answer(a)) for a in g)) for g in answers
+                int(any(contains_words(text, normalize_answer(a)) for a in g)) for g in answers
             ]
 
 
@@ -306,7 +308,7 @@ def synthetic_record(
     rng.shuffle(docs)
     answers = [[gold]]
     for d in docs:
-        d["answers_found"] = [int(contains_phrase(normalize_answer(f"{d['title']} {d['text']}"), gold))]
+        d["answers_found"] = [int(contains_words(normalize_answer(f"{d['title']} {d['text']}"), gold))]
     evidence_ids = [i + 1 for i, d in enumerate(docs) if d["answers_found"][0]]
     assert answerable == bool(evidence_ids), (rid, docs)
     meta = {
@@ -347,11 +349,6 @@ def synthetic_records(
         two_hop = rng.random() < two_hop_share
         out.append(synthetic_record(rng, names, f"synthetic-{split}-{seed}-{i}", answerable, two_hop))
     return out
-
-
-def entities(record: Record) -> set[str]:
-    """The entity names a synthetic record mentions (its documents' titles and the question's target)."""
-    return {d["title"] for d in record.docs} | {record.meta.get("target", "")} - {""}
 
 
 # ----------------------------------------------------------------------------------------------------------------

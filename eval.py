@@ -7,11 +7,14 @@ Trust-Score evaluation of a checkpoint on grounded, cited question answering.
     python eval.py --plot runs/stage1/metrics.jsonl
 
 Reads top to bottom:
-  1. refusal, coverage and support rules (what the documents say about the gold answers)
+  1. coverage and support rules (what the documents say about the gold answers)
   2. per-question scores: answer correctness, citation recall / precision
   3. trust_score(records, predictions): AR, F1_AC, F1_GR, F1_GC, TRUST (percentages)
   4. the CLI: generate, score, write predictions.jsonl / scores.json / report.md; --compare; --plot
   5. training reports: the metrics of one sampled batch and the end-of-run summary, for grpo.py
+
+Normalization, substring matching and the evaluator's refusal rule (text.is_refused) are text.py's; the stage-2
+reward in the report is rewards.py's; the records and the prompt are data.py's.
 
 Every definition follows the Trust-Score evaluator (declare-lab/trust-align, trust_eval/metrics.py), as written
 out in docs/METHOD.md ("Evaluation"). Two things differ from the paper's evaluator because its NLI model is not
@@ -25,7 +28,7 @@ Smaller choices, where the evaluator's code and the spec part ways or the spec i
   - an empty answer is answered (not a refusal) with no statements: citation recall and precision 0, included in
     the means over answered questions (the evaluator's code skips such questions in the citation means).
   - "[0]" is outside 1..k (in the evaluator's code it would index the last document); a repeated citation
-    ("[1][1]") counts once (rewards.parse_citations).
+    ("[1][1]") counts once (text.parse_citations).
 """
 
 import argparse
@@ -33,20 +36,16 @@ import importlib
 import json
 from pathlib import Path
 
-from rewards import (
-    extract_answer,
+from rewards import extract_answer, stage_reward
+from text import (
+    contains_substring,
+    is_refused,
     normalize_answer,
     parse_citations,
-    partial_ratio,
     remove_citations,
     split_statements,
-    stage_reward,
 )
 
-# The evaluator's refusal flag is the first half of the refusal sentence; its threshold is 85 on a 0-100 scale,
-# rewards.partial_ratio works on 0-1.
-REFUSAL_FLAG = "I apologize, but I couldn't find an answer"
-REFUSAL_THRESHOLD = 0.85
 MAX_CITATIONS = 3  # at most the first 3 citations of a statement are counted
 QAMPARI_TOP_K = 5  # QAMPARI recall saturates at 5 correct items
 CLAIM_SOURCES = ("eli5", "expertqa")  # gold "answers" are claim sentences that need an entailment judge
@@ -57,16 +56,7 @@ CITATION_NOTE = (
 )
 
 # -----------------------------------------------------------------------------
-# 1. Rules: refusal, entailment judge, which documents cover which gold group
-
-
-def is_refused(answer):
-    """The evaluator's refusal rule: fuzzy partial ratio of the normalized flag inside the normalized answer > 85.
-
-    partial_ratio searches the shorter string in the longer one (fuzzywuzzy's semantics, which the evaluator
-    uses), so an answer that is a fragment of the flag ("I couldn't find an answer.", or just "find") is a refusal
-    here, unlike in rewards.is_refusal, which looks for the whole refusal sentence."""
-    return partial_ratio(normalize_answer(REFUSAL_FLAG), normalize_answer(answer)) > REFUSAL_THRESHOLD
+# 1. Rules: entailment judge, which documents cover which gold group (the refusal rule is text.is_refused)
 
 
 # Function words ignored by the lexical judge: a claim is about its content words.
@@ -120,8 +110,7 @@ def contains_group(record, text, group, judge):
     if is_claim_record(record):
         return entailed(judge, text, record.answers[group][0])
     norm = normalize_answer(text)
-    aliases = (normalize_answer(a) for a in record.answers[group])
-    return any(a and a in norm for a in aliases)  # an alias that normalizes to "" would match everything
+    return any(contains_substring(norm, normalize_answer(a)) for a in record.answers[group])
 
 
 def document_coverage(record, judge):

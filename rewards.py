@@ -2,6 +2,9 @@
 
 Everything here is a plain function of strings and a data.Record; no model is involved. The rules are written out
 in docs/METHOD.md ("The rewards"); where the paper is silent, the choice made here is stated in a comment.
+This module holds what a completion earns: the format rewards, exact match, citation support, the refusal reward
+and their combination per stage. Normalization, statement splitting, whole-word matching and the refusal score are
+text.py's; the records are data.py's; the evaluation metrics (Trust-Score) are eval.py's.
 
 A completion is expected to look like
 
@@ -25,12 +28,17 @@ most G statements earn EM (each gold group is credited once).
 """
 
 import re
-import string
-import unicodedata
-from difflib import SequenceMatcher
 
-REFUSAL_SENTENCE = "I apologize, but I couldn't find an answer to your question in the search results."
-REFUSAL_THRESHOLD = 0.85  # the Trust-Score evaluator calls an answer a refusal above 85 (on a 0-100 scale)
+from text import (
+    REFUSAL_THRESHOLD,
+    contains_words,
+    normalize_answer,
+    parse_citations,
+    refusal_score,
+    remove_citations,
+    split_statements,
+)
+
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 EM_REWARD = 0.5  # per statement that contains a not-yet-credited gold answer
@@ -69,73 +77,7 @@ def extract_answer(completion: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text normalization, citations, statements
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD / ALCE normalization: lower case, punctuation removed, articles (a, an, the) removed, whitespace
-    collapsed. Punctuation = ASCII punctuation plus any Unicode punctuation (curly quotes, dashes), so that
-    "Bloomberg’s" and "Bloomberg's" normalize alike."""
-    s = s.lower()
-    s = "".join(ch for ch in s if not is_punctuation(ch))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def is_punctuation(ch: str) -> bool:
-    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
-
-
-_CITATION_RE = re.compile(r"\[(\d+)\]")
-
-
-def remove_citations(text: str) -> str:
-    """Drop `[n]` markers and the whitespace before them: "Paris [1][2]." -> "Paris."."""
-    return re.sub(r"\s*\[\d+\]", "", text)
-
-
-def parse_citations(statement: str) -> list[int]:
-    """Citation numbers as written (1-based), in order of first appearance, duplicates dropped."""
-    seen = []
-    for m in _CITATION_RE.finditer(statement):
-        n = int(m.group(1))
-        if n not in seen:
-            seen.append(n)
-    return seen
-
-
-# A sentence ends at . ! or ?, optionally followed by citations and more end punctuation ("... 1783 [3]." or
-# "... 1783. [3]" or "632 A.D. [1][2]."), then whitespace or the end of the text. "12.5" does not end a sentence
-# (no whitespace after the period); an abbreviation before a space ("Dr. Kim") does: a rule-based splitter's limit.
-_SENTENCE_END_RE = re.compile(r"[.!?]+(?:\s*\[\d+\])*[.!?]*(?=\s|$)")
-
-
-def split_statements(answer: str, is_list: bool) -> list[str]:
-    """Statements of an answer: comma-separated items for list questions (QAMPARI), else sentences.
-    Empty statements are dropped; citations stay attached to their statement."""
-    if is_list:
-        pieces = answer.split(",")
-    else:
-        pieces, start = [], 0
-        for m in _SENTENCE_END_RE.finditer(answer):
-            pieces.append(answer[start : m.end()])
-            start = m.end()
-        pieces.append(answer[start:])
-    return [p.strip() for p in pieces if p.strip()]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Exact match and citations
-
-
-def contains_phrase(text_norm: str, phrase_norm: str) -> bool:
-    """Whole-word containment of one normalized string in another, so that a gold "12" does not match "1200" and a
-    string of digits cannot collect every number answer. A phrase ending in a letter may be followed by "s"
-    (possessive or plural once punctuation is gone: "bloombergs" contains "bloomberg")."""
-    if not phrase_norm:
-        return False
-    plural = "s?" if phrase_norm[-1].isalpha() else ""
-    return re.search(rf"(?<!\S){re.escape(phrase_norm)}{plural}(?!\S)", text_norm) is not None
 
 
 def matched_groups(statement: str, answers: list[list[str]]) -> list[int]:
@@ -145,7 +87,7 @@ def matched_groups(statement: str, answers: list[list[str]]) -> list[int]:
     return [
         g
         for g, aliases in enumerate(answers)
-        if any(contains_phrase(text, normalize_answer(a)) for a in aliases)
+        if any(contains_words(text, normalize_answer(a)) for a in aliases)
     ]
 
 
@@ -156,7 +98,7 @@ def doc_has_group(doc: dict, g: int, aliases: list[str]) -> bool:
     if isinstance(found, (list, tuple)) and g < len(found):
         return bool(found[g])
     text = normalize_answer(f"{doc.get('title') or ''} {doc.get('text') or ''}")
-    return any(contains_phrase(text, normalize_answer(a)) for a in aliases)
+    return any(contains_words(text, normalize_answer(a)) for a in aliases)
 
 
 def citations_support(cites: list[int], groups: list[int], record) -> bool:
@@ -215,63 +157,6 @@ def score_statements(answer: str, record) -> dict:
         cited_em_statements=n_cited,
         supported_em_statements=n_supported,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Refusal: a fuzzy partial ratio written with difflib (same idea as fuzzywuzzy's partial_ratio)
-
-
-def _ratio(a: str, b: str) -> float:
-    """difflib similarity 2*M / (len(a) + len(b)), M = matched characters."""
-    return SequenceMatcher(None, a, b, autojunk=False).ratio()
-
-
-def partial_ratio_in(needle: str, haystack: str) -> float:
-    """Best similarity between `needle` and a window of `haystack` of the needle's length, in [0, 1].
-
-    As in fuzzywuzzy: the candidate windows start where difflib's matching blocks align the needle with the
-    haystack; 1.0 when the needle occurs verbatim. If the haystack is shorter than the needle, it is compared whole
-    (plain ratio), so a short fragment of the needle scores low."""
-    if not needle or not haystack:
-        return 0.0
-    if len(haystack) <= len(needle):
-        return _ratio(needle, haystack)
-    if needle in haystack:
-        return 1.0
-    best = 0.0
-    blocks = SequenceMatcher(None, needle, haystack, autojunk=False).get_matching_blocks()
-    for i, j, _ in blocks:
-        start = max(0, j - i)
-        best = max(best, _ratio(needle, haystack[start : start + len(needle)]))
-    return best
-
-
-def partial_ratio(a: str, b: str) -> float:
-    """Symmetric partial ratio in [0, 1]: the shorter string searched in the longer one (fuzzywuzzy semantics,
-    which the Trust-Score evaluator uses). Note: a short fragment such as "i" scores 1.0 against any text that
-    contains it; `refusal_score` therefore uses the directional `partial_ratio_in`."""
-    if (len(a), a) > (len(b), b):  # the shorter (ties: a fixed order, so the result is symmetric)
-        a, b = b, a
-    if not a:
-        return 0.0
-    return partial_ratio_in(a, b)
-
-
-_REFUSAL_NORM = normalize_answer(REFUSAL_SENTENCE)
-
-
-def refusal_score(answer: str | None) -> float:
-    """rscore in [0, 1]: how well the normalized refusal sentence occurs inside the normalized answer.
-
-    Directional on purpose (the refusal sentence is always the needle): with the symmetric ratio an answer "I" or
-    "apologize" would be a perfect refusal and RL would find that shortcut at once."""
-    if not answer:
-        return 0.0
-    return partial_ratio_in(_REFUSAL_NORM, normalize_answer(remove_citations(answer)))
-
-
-def is_refusal(answer: str | None) -> bool:
-    return refusal_score(answer) > REFUSAL_THRESHOLD
 
 
 def record_answerable(record) -> bool:
@@ -360,30 +245,3 @@ def completion_rewards(
         penalties = [overlong_penalty(int(n), max_len, overlong_buffer) for n in lengths]
         scored = [(total + p, dict(c, overlong=p)) for (total, c), p in zip(scored, penalties)]
     return [float(total) for total, _ in scored], [c for _, c in scored]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A generic reward for a different task: a numeric final answer (GSM8K-style)
-
-_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def _last_number(text: str) -> float | None:
-    nums = _NUMBER_RE.findall(text)
-    if not nums:
-        return None
-    try:
-        return float(nums[-1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def numeric_answer_reward(completion: str, gold) -> float:
-    """1.0 if the last number in the answer block (or in the whole completion when there is no answer block)
-    equals the gold number (relative tolerance 1e-6; thousands separators ignored), else 0.0."""
-    answer = extract_answer(completion)
-    pred = _last_number(answer if answer is not None else completion)
-    target = gold if isinstance(gold, (int, float)) else _last_number(str(gold))
-    if pred is None or target is None:
-        return 0.0
-    return 1.0 if abs(pred - float(target)) <= 1e-6 * max(1.0, abs(float(target))) else 0.0

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
 import rewards  # noqa: E402
+from text import REFUSAL_SENTENCE  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ALCE = SHARED / "data" / "alce"
@@ -253,8 +254,13 @@ def test_stage_records():
 
 
 def word_in(number: str, text: str) -> bool:
-    """Independent of rewards.contains_phrase: a regex on the raw text, digits not glued to other digits."""
+    """Independent of text.contains_words: a regex on the raw text, digits not glued to other digits."""
     return re.search(rf"(?<!\d){re.escape(number)}(?!\d)", text) is not None
+
+
+def entities(record) -> set[str]:
+    """The entity names a synthetic record mentions (its documents' titles and the question's target)."""
+    return {d["title"] for d in record.docs} | {record.meta.get("target", "")} - {""}
 
 
 def test_synthetic_records_structure():
@@ -290,8 +296,8 @@ def test_synthetic_seeded_and_splits_disjoint():
         (r.question, r.docs) for r in data.synthetic_records("train", 50, 7)
     ]
     assert [r.question for r in a] != [r.question for r in data.synthetic_records("train", 50, 8)]
-    train = set().union(*(data.entities(r) for r in data.synthetic_records("train", 1000, 0)))
-    ev = set().union(*(data.entities(r) for r in data.synthetic_records("eval", 300, 0)))
+    train = set().union(*(entities(r) for r in data.synthetic_records("train", 1000, 0)))
+    ev = set().union(*(entities(r) for r in data.synthetic_records("eval", 300, 0)))
     assert train and ev and not train & ev
     words = lambda names: {w for n in names for w in n.split() if w not in ("Lake", "Mount", "River")}  # noqa: E731
     assert not words(train) & words(ev)  # not even the bare names ("Kalo" vs "Lake Kalo")
@@ -313,7 +319,7 @@ def test_synthetic_records_are_scorable():
             c = f"<think>x</think><answer>It is {r.answers[0][0]} [{r.meta['evidence'][0]}].</answer>"
             assert rewards.stage_reward(c, r, 1)[0] == 3.0 and rewards.stage_reward(c, r, 2)[0] == 3.5
         else:
-            c = f"<think>x</think><answer>{rewards.REFUSAL_SENTENCE}</answer>"
+            c = f"<think>x</think><answer>{REFUSAL_SENTENCE}</answer>"
             assert rewards.stage_reward(c, r, 2)[0] == 3.0
 
 
@@ -347,7 +353,7 @@ def test_build_prompt_synthetic(tok):
     assert prefill == "<think>" and text.endswith("<|im_start|>assistant\n<think>")
     assert text.count("<|im_start|>user") == 1  # the whole prompt is one user turn
     assert data.FORMAT_SENTENCE in text and data.SYNTHETIC_INSTRUCTION in text
-    assert f"Question: {r.question}" in text and rewards.REFUSAL_SENTENCE in text
+    assert f"Question: {r.question}" in text and REFUSAL_SENTENCE in text
     for i, d in enumerate(r.docs, start=1):
         assert f"Document [{i}](Title: {d['title']}): {d['text']}" in text
     ex = data.worked_example(r)

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import eval as E  # noqa: E402
+import text as T  # noqa: E402
 from data import Record  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -51,18 +52,18 @@ def approx(x):
 
 
 def test_refusal_rule():
-    assert E.is_refused(REFUSAL)
-    assert E.is_refused("I apologize, but I couldn't find an answer.")  # the flag itself, 100 > 85
+    assert T.is_refused(REFUSAL)
+    assert T.is_refused("I apologize, but I couldn't find an answer.")  # the flag itself, 100 > 85
     # The eval flag is only the first half of the sentence, so a short refusal counts (the reward's rule, which
     # looks for the whole sentence, does not count it): that is the evaluator's behaviour.
-    assert E.is_refused("I couldn't find an answer.")
-    assert not E.is_refused("Paris is the capital of France [1].")
-    assert not E.is_refused("")  # empty answer: partial ratio 0, so it is "answered"
+    assert T.is_refused("I couldn't find an answer.")
+    assert not T.is_refused("Paris is the capital of France [1].")
+    assert not T.is_refused("")  # empty answer: partial ratio 0, so it is "answered"
     # The threshold: the normalized flag is "i apologize but i couldnt find answer" (37 characters). An answer of
     # the same length is compared whole: difflib ratio 2M / (37 + 37), M = matching characters. Replacing 5
     # letters by "q" leaves M = 32: 64/74 = 0.865 > 0.85, a refusal; 6 letters: 62/74 = 0.838, not one.
-    assert E.is_refused("q apologqze but q couldnt fqnd answqr")
-    assert not E.is_refused("q apologqze but q couldnt fqnd qnswqr")
+    assert T.is_refused("q apologqze but q couldnt fqnd answqr")
+    assert not T.is_refused("q apologqze but q couldnt fqnd qnswqr")
 
 
 def test_answer_block_extracted_else_whole_text():

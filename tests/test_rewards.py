@@ -1,4 +1,5 @@
-"""rewards.py against hand-computed values (docs/METHOD.md, "The rewards" and Algorithm 1).
+"""rewards.py (and the text.py functions it uses) against hand-computed values (docs/METHOD.md, "The rewards" and
+Algorithm 1).
 
 Every expected number below was worked out by hand from the spec; the comment next to it says how. Shorthand:
 tag = R_tag_count, fmt = R_format, em = R_EM, cit = R_citation, ref = R_refusal. A well-formed completion earns
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewards as R  # noqa: E402
+import text as T  # noqa: E402
 from data import Record  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -481,8 +483,8 @@ def test_diagnostics_of_repeated_answer():
 
 def test_refusal_fragment_score():
     # "i apologize" is the first 11 characters of the normalized refusal: ratio 2*11/(72+11).
-    assert R.refusal_score("I apologize.") == pytest.approx(22 / (L + 11))
-    assert R.normalize_answer(REFUSAL) == REFUSAL_NORM and L == 72
+    assert T.refusal_score("I apologize.") == pytest.approx(22 / (L + 11))
+    assert T.normalize_answer(REFUSAL) == REFUSAL_NORM and L == 72
 
 
 def test_stage_reward_rejects_bad_stage():
@@ -495,32 +497,32 @@ def test_stage_reward_rejects_bad_stage():
 
 
 def test_normalize_answer():
-    assert R.normalize_answer("The  Story of  Qiu Ju!") == "story of qiu ju"
-    assert R.normalize_answer("An apple, a pear") == "apple pear"
+    assert T.normalize_answer("The  Story of  Qiu Ju!") == "story of qiu ju"
+    assert T.normalize_answer("An apple, a pear") == "apple pear"
     assert (
-        R.normalize_answer("Bloomberg’s “food” – police") == "bloombergs food police"
+        T.normalize_answer("Bloomberg’s “food” – police") == "bloombergs food police"
     )  # Unicode punctuation
-    assert R.normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert T.normalize_answer("theatre") == "theatre"  # articles only as whole words
 
 
 def test_citations():
-    assert R.parse_citations("Paris [2][1] and Rome [2] [10].") == [2, 1, 10]
-    assert R.parse_citations("no citations (1) here") == []
-    assert R.remove_citations("Paris [1][2]. Rome [3]") == "Paris. Rome"
+    assert T.parse_citations("Paris [2][1] and Rome [2] [10].") == [2, 1, 10]
+    assert T.parse_citations("no citations (1) here") == []
+    assert T.remove_citations("Paris [1][2]. Rome [3]") == "Paris. Rome"
 
 
 def test_split_statements():
-    assert R.split_statements("One [1]. Two [2]! Three? ", False) == ["One [1].", "Two [2]!", "Three?"]
-    assert R.split_statements("Rain of 12.5 mm fell [1]. Then [2]", False) == [
+    assert T.split_statements("One [1]. Two [2]! Three? ", False) == ["One [1].", "Two [2]!", "Three?"]
+    assert T.split_statements("Rain of 12.5 mm fell [1]. Then [2]", False) == [
         "Rain of 12.5 mm fell [1].",
         "Then [2]",
     ]
-    assert R.split_statements("Died in 632 A.D. [1][2]. Next.", False) == [
+    assert T.split_statements("Died in 632 A.D. [1][2]. Next.", False) == [
         "Died in 632 A.D. [1][2].",
         "Next.",
     ]
-    assert R.split_statements("A [1], B [2],, C.", True) == ["A [1]", "B [2]", "C."]
-    assert R.split_statements("", False) == [] and R.split_statements(" , ", True) == []
+    assert T.split_statements("A [1], B [2],, C.", True) == ["A [1]", "B [2]", "C."]
+    assert T.split_statements("", False) == [] and T.split_statements(" , ", True) == []
 
 
 def test_extract_answer_and_format():
@@ -533,18 +535,30 @@ def test_extract_answer_and_format():
 
 def test_partial_ratio():
     # Verbatim substring: 1.0. Same length, 3 of 4 characters matching: 2*3/(4+4) = 0.75.
-    assert R.partial_ratio("abc", "xxabcxx") == 1.0
-    assert R.partial_ratio("abcd", "abxd") == pytest.approx(0.75)
-    assert R.partial_ratio("xxabcxx", "abc") == 1.0  # symmetric: the shorter is searched in the longer
-    assert R.partial_ratio("", "abc") == 0.0
+    assert T.partial_ratio("abc", "xxabcxx") == 1.0
+    assert T.partial_ratio("abcd", "abxd") == pytest.approx(0.75)
+    assert T.partial_ratio("xxabcxx", "abc") == 1.0  # symmetric: the shorter is searched in the longer
+    assert T.partial_ratio("", "abc") == 0.0
     # Best window: "abcd" vs "zzabce": the window "abce" matches 3 of 4: 0.75.
-    assert R.partial_ratio("abcd", "zzabce") == pytest.approx(0.75)
+    assert T.partial_ratio("abcd", "zzabce") == pytest.approx(0.75)
 
 
 def test_is_refusal_threshold():
-    assert R.is_refusal(REFUSAL) and R.is_refusal(REFUSAL.upper())
-    assert not R.is_refusal("Mount Kel is 4120 meters high [2].")
-    assert not R.is_refusal("") and not R.is_refusal(None)
+    def refused(answer):  # stage_reward's rule
+        return T.refusal_score(answer) > T.REFUSAL_THRESHOLD
+
+    assert refused(REFUSAL) and refused(REFUSAL.upper())
+    assert not refused("Mount Kel is 4120 meters high [2].")
+    assert not refused("") and not refused(None)
+
+
+def test_whole_words_for_the_reward_substrings_for_the_evaluator():
+    # whole words: "12" is not in "1200", and "1200 12000 120" collects no "12"; substrings match both
+    assert not T.contains_words("it is 1200 meters", "12") and T.contains_substring("it is 1200 meters", "12")
+    assert not T.contains_words("1200 12000 120", "12") and T.contains_substring("1200 12000 120", "12")
+    assert T.contains_words("it is 12 meters", "12") and T.contains_words("bloombergs food", "bloomberg")
+    assert not T.contains_words("12s", "12")  # the optional "s" only after a phrase ending in a letter
+    assert not T.contains_words("anything", "") and not T.contains_substring("anything", "")  # empty alias
 
 
 def test_overlong_penalty_hand_values():
@@ -556,14 +570,6 @@ def test_overlong_penalty_hand_values():
     assert R.overlong_penalty(64, 64, 16) == pytest.approx(-1.0)
     assert R.overlong_penalty(80, 64, 16) == pytest.approx(-1.0)  # beyond the budget: stays at -1
     assert R.overlong_penalty(64, 64, 0) == 0.0  # buffer 0: off
-
-
-def test_numeric_answer_reward():
-    assert R.numeric_answer_reward("<think>6*7</think><answer>The answer is 42.</answer>", "42") == 1.0
-    assert R.numeric_answer_reward("so 3 then 1,234", 1234) == 1.0  # no answer block: last number in the text
-    assert R.numeric_answer_reward("<answer>41</answer>", "#### 42") == 0.0
-    assert R.numeric_answer_reward("<answer>0.5</answer>", "1/2") == 0.0  # fractions are not parsed: 2 != 0.5
-    assert R.numeric_answer_reward("no number", "42") == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -727,7 +733,7 @@ def test_property_bounds(completion, record, stage):
 @settings(max_examples=200, deadline=None)
 @given(a=st.text(max_size=80), b=st.text(max_size=80))
 def test_property_ratios(a, b):
-    p = R.partial_ratio(a, b)
-    assert 0.0 <= p <= 1.0 and p == R.partial_ratio(b, a)
-    assert 0.0 <= R.refusal_score(a) <= 1.0
-    R.split_statements(a, True), R.split_statements(a, False), R.parse_citations(a)
+    p = T.partial_ratio(a, b)
+    assert 0.0 <= p <= 1.0 and p == T.partial_ratio(b, a)
+    assert 0.0 <= T.refusal_score(a) <= 1.0
+    T.split_statements(a, True), T.split_statements(a, False), T.parse_citations(a)
