@@ -11,10 +11,10 @@ Reads top to bottom:
   2. per-question scores: answer correctness, citation recall / precision
   3. trust_score(records, predictions): AR, F1_AC, F1_GR, F1_GC, TRUST (percentages)
   4. the CLI: generate, score, write predictions.jsonl / scores.json / report.md; --compare; --plot
-  5. training reports: the metrics of one sampled batch and the end-of-run summary, for grpo.py
 
-Normalization, substring matching and the evaluator's refusal rule (text.is_refused) are text.py's; the stage-2
-reward in the report is rewards.py's; the records and the prompt are data.py's.
+This module holds the evaluation and its CLI only; the trainer does not import it. Normalization, substring
+matching and the evaluator's refusal rule (text.is_refused) are text.py's; the stage-2 reward in the report is
+rewards.py's; the records and the prompt are data.py's; the trainer's per-step reports are metrics.py's.
 
 Every definition follows the Trust-Score evaluator (declare-lab/trust-align, trust_eval/metrics.py), as written
 out in docs/METHOD.md ("Evaluation"). Two things differ from the paper's evaluator because its NLI model is not
@@ -742,78 +742,6 @@ def main(argv=None):
     for note in scores["notes"]:
         print(f"note: {note}")
     print(f"wrote {out}/predictions.jsonl, scores.json, report.md")
-
-
-# -----------------------------------------------------------------------------
-# 5. Training reports (grpo.py): the metrics of one sampled batch, the end-of-run summary
-
-
-def batch_metrics(lengths, rewards, components, truncated, answerable, G):
-    """Reward and length statistics of a global batch: lengths (R,) completion tokens, rewards (R,), components
-    {name: (R,)} from rewards.stage_reward, truncated (R,) cut at the budget, answerable (R,), groups of G rows."""
-    per_group = rewards.view(-1, G)
-    m = {
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "frac_reward_zero_std": (per_group.max(1).values == per_group.min(1).values).float().mean().item(),
-        "completion_len_mean": lengths.mean().item(),
-        "completion_len_min": lengths.min().item(),
-        "completion_len_max": lengths.max().item(),
-        "clipped_share": truncated.float().mean().item(),
-    }
-    for k, v in components.items():
-        m[f"reward/{k}"] = v.mean().item()
-    if "em" in components:  # share of completions whose answer holds a gold answer ("answer right")
-        m["answer_right"] = (components["em"] > 0).float().mean().item()
-    if "refused" in components:  # what stage 2 teaches: refuse the unanswerable, answer the answerable
-        for name, rows in (("refused_answerable", answerable), ("refused_unanswerable", ~answerable)):
-            if rows.any():
-                m[name] = components["refused"][rows].mean().item()
-    return m
-
-
-def training_summary(stage, history, wall):
-    """Lines of the end-of-run table: the first and last step and the means of the first and last 5 steps."""
-    if not history:
-        return ["[done] no steps run"]
-    first, last = history[0], history[-1]
-    k = min(5, len(history))
-    mean_of = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    lines = [
-        f"GRPO stage {stage}: {len(history)} steps logged, wall time {wall / 60:.1f} min "
-        f"({wall / max(1, len(history)):.1f} s/step)",
-        f"{'':32s}{'step ' + str(first['step']):>12s}{'step ' + str(last['step']):>12s}"
-        f"{'first ' + str(k):>12s}{'last ' + str(k):>12s}",
-    ]
-    # diagnostics present in every logged step (a stage-2 batch may lack one kind of question)
-    extra = [
-        key
-        for key in ("answer_right", "refused_answerable", "refused_unanswerable")
-        if all(key in row for row in history)
-    ]
-    keys = (
-        ["reward_mean"]
-        + [key for key in first if key.startswith("reward/")]
-        + extra
-        + ["frac_reward_zero_std", "completion_len_mean", "clipped_share"]
-        + [key for key in ("nll", "entropy") if all(key in row for row in history)]
-    )  # the warm-up's loss: nll
-    for key in keys:
-        lines.append(
-            f"{key:32s}{first[key]:12.3f}{last[key]:12.3f}{mean_of(history[:k], key):12.3f}"
-            f"{mean_of(history[-k:], key):12.3f}"
-        )
-    diff = (
-        "sampling/sampling_logp_difference/max"  # the sampler against the trainer: ~1e-6 in fp32, else a bug
-    )
-    if all(diff in row for row in history):
-        worst = max(history, key=lambda row: row[diff])
-        ratios = [row["sampling/importance_sampling_ratio/" + s] for row in history for s in ("min", "max")]
-        lines.append(
-            f"sampler vs trainer log-probs: largest |difference| {worst[diff]:.2e} (step {worst['step']}), "
-            f"importance ratios in [{min(ratios):.4f}, {max(ratios):.4f}]"
-        )
-    return lines
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from data import (
     stage_records,
     training_prompt,
 )
-from eval import batch_metrics, training_summary
+from metrics import batch_metrics, training_summary
 from model import ModelError, adapters_off, completion_logprobs, eos_token_ids, generate, micro_batches
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: bounds ratios and KL so a wild token cannot overflow to inf / NaN
