@@ -298,7 +298,13 @@ def trust_score(records, predictions, judge=None):
     judge: callable(premise, hypothesis) -> bool | probability, used only for claim (ELI5) records;
     default the lexical approximation. The dict's "notes" say which judge and support rule were used.
     """
-    scores = aggregate(score_all(records, predictions, judge))
+    return trust_score_of_rows(records, score_all(records, predictions, judge), judge)
+
+
+def trust_score_of_rows(records, rows, judge=None):
+    """trust_score from rows already scored by score_all: a caller that keeps the rows scores each question once
+    (evaluate needs the rows, the scores and the per-source scores)."""
+    scores = aggregate(rows)
     notes = [CITATION_NOTE]
     if any(is_claim_record(r) for r in records):
         name = (
@@ -483,15 +489,17 @@ def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, 
 def evaluate(records, texts, judge=None):
     """Per-question rows and the scores dict (Trust-Score + reward summary) for completions `texts`."""
     rows = score_all(records, texts, judge)
-    scores = trust_score(records, texts, judge)
+    scores = trust_score_of_rows(records, rows, judge)
     scores.update(reward_summary(records, texts))
     sources = sorted({r.source for r in records})
     if len(sources) > 1:  # Trust-Score is a per-dataset score: a mixed run is also scored per source
         scores["by_source"] = {}
         for src in sources:
-            recs, txts = zip(*[(r, t) for r, t in zip(records, texts) if r.source == src])
+            recs, src_rows = zip(*[(r, row) for r, row in zip(records, rows) if r.source == src])
             scores["by_source"][src] = {
-                k: v for k, v in trust_score(list(recs), list(txts), judge).items() if k != "notes"
+                k: v
+                for k, v in trust_score_of_rows(list(recs), list(src_rows), judge).items()
+                if k != "notes"
             }
     return rows, scores
 
@@ -663,12 +671,26 @@ def plot_metrics(metrics_path, out_png):
     return out_png
 
 
+def default_out_dir(data, model):
+    """runs/eval/<data stem>__<model name>; a checkpoint folder (every run names it "checkpoint") is named with its
+    run directory, runs/stage2/checkpoint -> <data>__stage2-checkpoint, so two runs' evaluations do not collide."""
+    path = Path(model)
+    name = path.name
+    if name.startswith("checkpoint"):  # checkpoint, checkpoint.old
+        name = f"{path.resolve().parent.name}-{name}"
+    return Path("runs/eval") / f"{Path(data).stem}__{name}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Trust-Score evaluation of a checkpoint (docs/METHOD.md).")
     p.add_argument("--model", default="builtin", help="HF-layout checkpoint dir, or 'builtin'")
     p.add_argument("--data", default="builtin", help="ALCE / Trust-Score JSON or JSONL file, or 'builtin'")
     p.add_argument("--n", type=int, default=None, help="evaluate the first N records")
-    p.add_argument("--out", default=None, help="output dir (default runs/eval/<data>__<model>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output dir (default runs/eval/<data>__<model>; <data>__<run>-checkpoint for a run's checkpoint)",
+    )
     p.add_argument(
         "--predictions", default=None, help="score this JSONL of completions instead of generating"
     )
@@ -734,9 +756,7 @@ def main(argv=None):
             mean_completion_tokens=mean(g["n_tokens"] for g in generations),
             share_at_max_tokens=100 * mean(g["n_tokens"] >= args.max_new_tokens for g in generations),
         )
-    out = (
-        Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.data).stem}__{Path(args.model).name}"
-    )
+    out = Path(args.out) if args.out else default_out_dir(args.data, args.model)
     write_run(out, records, texts, rows, scores, generations)
     print(" ".join(f"{k}={scores[k]:.2f}" for k in METRICS + ("format_compliance", "stage2_reward")))
     for note in scores["notes"]:

@@ -341,6 +341,57 @@ def test_eli5_claims_lexical_judge_and_user_judge():
     assert any("user judge" in note for note in E.trust_score([r], [completion(answer)], always)["notes"])
 
 
+def test_evaluate_scores_each_question_once():
+    """evaluate() keeps the rows it scored and aggregates from them: the judge runs exactly as often as one pass of
+    score_all (not again for the Trust-Score, nor once more per source of a mixed set), with the same results."""
+    claims = ["Salmonella is a bacteria found in raw eggs.", "Raw flour can carry E. coli germs."]
+    records = [
+        record([[c] for c in claims], [doc([1, 1]), doc([0, 1])], source="eli5", id="e"),
+        record([["Paris"]], [doc([1])], id="a"),  # asqa: the judge is not asked (aliases: substring)
+    ]
+    texts = [
+        completion("Raw eggs can contain salmonella, a bacteria found in them [1]."),
+        completion("Paris [1]."),
+    ]
+    calls = []
+
+    def counting_judge(premise, hypothesis):
+        calls.append(hypothesis)
+        return E.lexical_judge(premise, hypothesis)
+
+    one_pass = E.score_all(records, texts, counting_judge)
+    n_one_pass = len(calls)
+    calls.clear()
+    rows, scores = E.evaluate(records, texts, counting_judge)
+    assert n_one_pass > 0 and len(calls) == n_one_pass
+    assert rows == one_pass
+    expected = E.trust_score(records, texts, counting_judge)
+    assert all(scores[k] == expected[k] for k in expected)
+    assert (
+        scores["by_source"]["eli5"]["TRUST"] == E.trust_score(records[:1], texts[:1], counting_judge)["TRUST"]
+    )
+
+
+def test_default_out_dir_names_the_run_of_a_checkpoint(tmp_path, monkeypatch):
+    """Every run saves its model as <run>/checkpoint: two runs' evaluations on the same data must not share a
+    default output directory (they did: runs/eval/<data>__checkpoint)."""
+    data = tmp_path / "asqa.json"
+    data.write_text(json.dumps(alce_records()))
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"text": completion(REFUSAL)}) + "\n" for _ in range(2)))
+    monkeypatch.chdir(tmp_path)
+    for run in ("stage1", "stage2"):
+        E.main(["--data", str(data), "--model", f"runs/{run}/checkpoint", "--predictions", str(preds)])
+    assert (tmp_path / "runs/eval/asqa__stage1-checkpoint/scores.json").is_file()
+    assert (tmp_path / "runs/eval/asqa__stage2-checkpoint/scores.json").is_file()
+    assert E.default_out_dir("x/asqa.json", "runs/stage1/checkpoint.old") == Path(
+        "runs/eval/asqa__stage1-checkpoint.old"
+    )
+    assert E.default_out_dir("builtin", "HuggingFaceTB/SmolLM2-135M") == Path(
+        "runs/eval/builtin__SmolLM2-135M"
+    )
+
+
 def test_reward_summary():
     # strict format: the first completion only. stage_reward itself is tested in test_rewards.py; here only the
     # averaging: format compliance = 1/2 -> 50 %, tag count = mean(1, 0) = 0.5.
