@@ -433,44 +433,53 @@ def load_predictions(path, records):
     return [prediction_text(r, f"{path}:{i}") for i, r in enumerate(rows[: len(records)], 1)]
 
 
-def generate_predictions(model_name, records, batch_size=8, max_new_tokens=256, seed=0, examples=False):
-    """Greedy completions with the KV-cached sampler, batched by prompt length. -> list of dicts per record."""
+def generate_predictions(
+    model_name, records, batch_size=8, max_new_tokens=256, seed=0, examples=False, dtype=None, device=None
+):
+    """Greedy completions with the KV-cached sampler, batched by prompt length, on the GPU when there is one (in
+    bf16 there unless dtype says otherwise; device: default the GPU when there is one), stopping where training
+    stops. -> list of dicts per record."""
     import torch
     from tqdm import tqdm
 
-    import model as M
+    from builtin import resolve_model_path
     from data import STOP_STRINGS, training_prompt
+    from distributed import compute_dtype
+    from memory import DTYPES
+    from model import Transformer, load_tokenizer
+    from sampler import eos_token_ids, generate
 
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[compute_dtype(dtype, device)]
     try:
-        path = M.resolve_model_path(model_name)
-        tokenizer = M.load_tokenizer(path)
-        net = M.Transformer.from_pretrained(path).eval()
+        path = resolve_model_path(model_name)
+        tokenizer = load_tokenizer(path)
+        net = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
     except (OSError, ValueError) as e:
         fail(f"--model {model_name}: {e}".splitlines()[0])
     try:
-        # the training prompt for every model, so runs compare fairly
-        prompts = [
-            training_prompt(r, tokenizer, examples=examples) for r in records
-        ]  # (prompt_ids, prefill) each
+        # the training prompt for every model, so runs compare fairly: (prompt_ids, prefill) each
+        prompts = [training_prompt(r, tokenizer, examples=examples) for r in records]
     except ValueError as e:  # data.DataError: a prompt over the budget
         fail(str(e).splitlines()[0])
     order = sorted(range(len(records)), key=lambda i: len(prompts[i][0]))  # similar lengths: little padding
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
+    eos = eos_token_ids(net, tokenizer)  # the tokenizer's and the model config's, as in training
     out = [None] * len(records)
     with torch.no_grad(), tqdm(total=len(records), desc="generating", unit="question") as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            ids, mask, _ = M.generate(
+            ids, mask, _ = generate(
                 net,
                 [prompts[i][0] for i in rows],
+                eos_token_ids=eos,
                 group_size=1,
                 max_new_tokens=max_new_tokens,
                 temperature=0.0,
-                eos_token_ids=(eos,),
                 seed=seed,
                 stop_strings=STOP_STRINGS,
                 tokenizer=tokenizer,
             )
+            ids, mask = ids.cpu(), mask.cpu()  # decoding is host work
             for r, i in enumerate(rows):  # ids, mask: (len(rows), max_new_tokens)
                 n_tokens = int(mask[r].sum())
                 completion = tokenizer.decode(ids[r, :n_tokens].tolist(), skip_special_tokens=True)
@@ -709,6 +718,12 @@ def parse_args(argv=None):
         help="the prompt of grpo.py --prompt-examples (a worked and a refusal example)",
     )
     p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="compute dtype of generation (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument(
         "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' scores side by side"
     )
     p.add_argument("--plot", metavar="METRICS_JSONL", help="plot a training run's metrics.jsonl as a PNG")
@@ -743,7 +758,13 @@ def main(argv=None):
         model_name = args.model if args.model != "builtin" else f"predictions:{args.predictions}"
     else:
         generations = generate_predictions(
-            args.model, records, args.batch_size, args.max_new_tokens, args.seed, args.prompt_examples
+            args.model,
+            records,
+            args.batch_size,
+            args.max_new_tokens,
+            args.seed,
+            args.prompt_examples,
+            args.dtype,
         )
         texts = [g["text"] for g in generations]
         model_name = args.model

@@ -3,38 +3,43 @@
     python grpo.py --stage 0      # supervised warm-up: the same update on one rule-written gold completion each
     python grpo.py --stage 1      # answerable questions; rewards: tags, format, exact match, citations
     python grpo.py --stage 2      # + the refusal reward, 50/50 answerable / unanswerable, from stage 1's checkpoint
-    torchrun --nproc_per_node 2 grpo.py --stage 1      # several processes: gloo on CPU, nccl on GPUs
+    torchrun --nproc_per_node 2 grpo.py --stage 1      # several processes, FSDP2
 
 One step of the loop in `main`, and the function that does each part:
-  1. B prompts, G completions sampled for each (each prompt prefilled once)     sample_and_score -> model.generate
-  2. a rule reward for every completion: r_ij                                   sample_and_score -> rewards.py
-  3. advantages within each group: A_ij = (r_ij - mean_j r_i.) / (std_j r_i. + eps)        group_advantages
+  1. B prompts, G completions sampled for each (each prompt prefilled once)        sample_rollout -> sampler.py
+  2. a rule reward for every completion: r_ij = reward_fn(completion, record)     score_rollout -> rewards.py
+  3. advantages within each group: A_ij = (r_ij - mean_j r_i.) / (std_j r_i. + eps)         group_advantages
   4. log-probs of the completion tokens from logits / temperature, each prompt run once with its completions
-     packed behind it (policy; sampling policy if --mu > 1; reference if --beta > 0)  model.completion_logprobs
-  5. clipped surrogate minus beta * KL, averaged over the tokens of the whole step          grpo_loss
-  6. backward over micro-batches, clip the gradient norm, AdamW, learning-rate schedule     policy_update, lr_at
-  7. metrics and samples to the run directory, a checkpoint every --save-every steps        main, common.py
+     packed behind it (policy; sampling policy if --mu > 1; reference if --beta > 0)      logprobs.py
+  5. clipped surrogate minus beta * KL, averaged over the tokens of the whole step           grpo_loss
+  6. backward over micro-batches, clip the gradient norm, AdamW, learning-rate schedule      policy_update, lr_at
+  7. metrics and samples to the run directory, a checkpoint every --save-every steps         main -> checkpoint.py
 Left out, on purpose: a separate inference engine (sampling runs on the training weights: nothing to sync); a
 value or reward model (rewards are rules, advantages group-relative); a reference model when beta = 0 (the default,
 as in DAPO and Dr. GRPO); resampling groups whose rewards are all equal (DAPO's dynamic sampling: they are counted,
 and --drop-zero-std-groups leaves them out); entropy bonuses (not in the method, docs/METHOD.md).
 
+Host and device: sampling and the update run on the model's device; decoding text and scoring it run on the host.
+A rollout is built on the host and crosses to the device once (Rollout.to), as do the advantages.
+
 `grpo_loss` and `group_advantages` depend on torch only: copy them into other projects.
 """
 
 import contextlib
+import functools
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import common
+import checkpoint
+import distributed
+import memory
 import rewards
-from common import flag
 from data import (
     STOP_STRINGS,
     DataError,
@@ -45,8 +50,12 @@ from data import (
     stage_records,
     training_prompt,
 )
-from metrics import batch_metrics, training_summary
-from model import ModelError, adapters_off, completion_logprobs, eos_token_ids, generate, micro_batches
+from flags import config_parser, flag
+from logprobs import completion_logprobs, micro_batches, same_count
+from memory import DTYPES
+from metrics import StepMetrics, batch_metrics, training_summary
+from model import ModelError, adapters_off
+from sampler import eos_token_ids, generate
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: bounds ratios and KL so a wild token cannot overflow to inf / NaN
 SAMPLER_METRICS = (
@@ -223,230 +232,288 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     return adv.view(-1).to(torch.float32)
 
 
-# ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table ------------------
+# ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table ------------
 
 STAGE_DEFAULTS = {
     0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),  # one gold each
     1: dict(steps=8, batch_prompts=4, group_size=8, temperature=0.7, lr=1e-5),  # short: unlearns refusal
-    2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0, lr=2e-5),
-}  # samples wider
+    2: dict(steps=30, batch_prompts=2, group_size=16, temperature=1.0, lr=2e-5),  # samples wider
+}
 
 
-def per_stage(name, help):  # the default comes from STAGE_DEFAULTS; a Config built in code gets stage 1's
-    return flag(STAGE_DEFAULTS[1][name], help, per_stage=True)
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # grpo_loss's agg
+SCALES = ("group", "batch", "none")  # group_advantages' scale
+LEVELS = ("token", "sequence")  # grpo_loss's is_level
+
+
+def per_stage(name, help):
+    """A field whose default depends on --stage: None until Config resolves it from STAGE_DEFAULTS."""
+    return flag(None, help, per_stage=True, type=type(STAGE_DEFAULTS[1][name]))
 
 
 @dataclass
 class Config:
     # what to train, from what, on what
-    stage: int = flag(
-        1,
-        "0: warm-up on gold completions; 1: GRPO on answerable questions, format, answer and "
-        "citation rewards; 2: + refusal, half unanswerable",
-        choices=[0, 1, 2],
-    )
-    model: str = flag(
-        "builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face model directory"
-    )
+    stage: int = flag(1, "0: warm-up on gold; 1: GRPO, answerable; 2: + refusal, half not", choices=[0, 1, 2])
+    model: str = flag("builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face directory")
     init: str | None = flag(
-        None,
-        "weights to start from (default: the previous stage's checkpoint beside --out "
-        "when there is one, else --model)",
+        None, "weights to start from (default: the previous stage's checkpoint, or --model)"
     )
-    data: str = flag(
-        "builtin", "'builtin' (the synthetic grounded-QA task) or an ALCE / Trust-Score JSON(L) file"
-    )
+    data: str = flag("builtin", "'builtin' (the synthetic grounded-QA task) or ALCE / Trust-Score JSON(L)")
     gold: str | None = flag(None, "stage 0: JSONL of {id, completion} to imitate (default: written by rule)")
     out: str | None = flag(None, "run directory for metrics, samples and checkpoint/ (default runs/stage{N})")
     # sampling
     steps: int = per_stage("steps", "sampling rounds; each samples, scores, then takes --mu optimizer steps")
     batch_prompts: int = per_stage("batch_prompts", "prompts per sampling round and process (B)")
     group_size: int = per_stage("group_size", "completions sampled per prompt (G)")
-    temperature: float = per_stage(
-        "temperature", "sampling temperature; log-probs come from logits / temperature"
-    )
+    temperature: float = per_stage("temperature", "sampling temperature; log-probs from logits / temperature")
     top_p: float = flag(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = flag(64, "completion length budget in tokens")
     max_prompt_tokens: int = flag(1024, "longest prompt; longer ones get their document texts cut to fit")
     prompt_examples: bool = flag(
-        False, "a worked and a refusal example in the prompt (for a model without stage 0)"
+        False, "a worked and a refusal example in the prompt (a model without stage 0)"
     )
     # the loss
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
-    beta: float = flag(
-        0.0, "weight of the KL penalty to the frozen reference (0: no reference forward at all)"
-    )
+    beta: float = flag(0.0, "weight of the KL penalty to the frozen reference (0: no reference forward)")
     kl: str = flag("k3", "KL estimator (k3: exp(ref - logp) - (ref - logp) - 1)", choices=["k1", "k2", "k3"])
-    ref: str | None = flag(
-        None, "weights of the KL reference (default: the start of the stage); not with LoRA"
+    ref: str | None = flag(None, "weights of the KL reference (default: the start of the stage); not LoRA")
+    loss_agg: str = flag("token-mean", "DAPO, GRPO paper, Dr. GRPO (grpo_loss)", choices=list(AGGREGATIONS))
+    scale_rewards: str = flag("group", "advantages / std of: group, batch, none (Dr. GRPO)", choices=SCALES)
+    is_level: str = flag("token", "the ratio per token (GRPO) or sequence (GSPO)", choices=LEVELS)
+    clip_ratio_c: float | None = flag(
+        None, "dual clip: for A < 0 the loss is at most c * |A|, c > 1", type=float
     )
-    loss_agg: str = flag(
-        "token-mean",
-        "DAPO, GRPO paper, Dr. GRPO (grpo_loss)",
-        choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-    )
-    scale_rewards: str = flag(
-        "group",
-        "advantages / std of the group, of the batch, or none (Dr. GRPO)",
-        choices=["group", "batch", "none"],
-    )
-    is_level: str = flag(
-        "token", "the ratio per token (GRPO) or sequence (GSPO)", choices=["token", "sequence"]
-    )
-    clip_ratio_c: float = flag(
-        0.0, "dual clip: for A < 0 the token loss is at most c * |A| (verl: 3; 0 = off)"
-    )
-    tis_cap: float = flag(
-        0.0, "truncated importance sampling: weight by min(pi_trainer / pi_sampler, cap) (0 = off)"
-    )
-    drop_zero_std_groups: bool = flag(
-        False, "leave groups whose rewards are all equal (advantage 0) out of the loss"
-    )
+    tis_cap: float | None = flag(None, "truncated IS: weight min(pi_trainer / pi_sampler, cap)", type=float)
+    drop_zero_std_groups: bool = flag(False, "leave groups whose rewards are all equal out of the loss")
     mask_truncated: bool = flag(False, "completions cut at --max-new-tokens leave the loss")
-    overlong_buffer: int = flag(
-        0, "DAPO's soft overlong penalty over the last L tokens of the budget (0 = off)"
-    )
+    overlong_buffer: int = flag(0, "DAPO's soft overlong penalty over the budget's last L tokens (0 = off)")
     # the optimizer, memory and precision
     lr: float = per_stage("lr", "peak learning rate of AdamW")
     warmup_steps: int = flag(2, "optimizer steps of linear warm-up before the cosine decay")
     min_lr_ratio: float = flag(0.1, "the cosine decays to lr * min_lr_ratio")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
-    mu: int = flag(
-        1, "optimizer steps per sampled batch; > 1 reuses the log-probs stored right after sampling"
-    )
+    mu: int = flag(1, "optimizer steps per sampled batch; > 1 reuses the log-probs kept after sampling")
     micro_batch: int = flag(16, "completions per forward / backward; gradients accumulate over the batch")
-    dtype: str = flag(
-        None,
-        "compute dtype (default: bfloat16 on CUDA, float32 on CPU); trained weights and AdamW stay fp32",
-        choices=["float32", "bfloat16"],
+    dtype: str | None = flag(
+        None, "compute dtype (default: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES
     )
     grad_checkpoint: bool = flag(False, "recompute each block in backward instead of keeping its activations")
     lora_rank: int = flag(0, "0: full fine-tune; > 0: LoRA of this rank on the blocks' linear layers")
     lora_alpha: float = flag(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
     # the run
     seed: int = flag(0, "seed of the data order, the sampling and the LoRA init")
-    resume: bool = flag(
-        False, "continue from <out>/checkpoint (fresh if none; without it, one there is an error)"
-    )
+    resume: bool = flag(False, "continue from <out>/checkpoint (fresh if none; without it, one is an error)")
     save_every: int = flag(10, "write a checkpoint every this many steps (and at the end)")
     stop_after: int = flag(
-        0, "stop with a checkpoint after this many steps, on the schedule of --steps (0: off)"
+        0, "stop with a checkpoint after this many steps, on the --steps schedule (0: off)"
     )
     log_samples: int = flag(4, "completions per step written to samples.jsonl")
     no_progress: bool = flag(False, "no progress bar")
 
+    def __post_init__(self):
+        """Per-stage defaults for the fields not given, then every check: built in code or from the command line,
+        a Config is the same, and a bad one raises ValueError naming the flag."""
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"--stage must be 0, 1 or 2, got {self.stage!r}")
+        for name, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.out is None:
+            self.out = f"runs/stage{self.stage}"
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
+                raise ValueError(
+                    f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}"
+                )
+        counts = ("steps", "batch_prompts", "max_new_tokens", "mu", "micro_batch", "save_every")
+        checks = (
+            (self.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
+            (self.group_size >= 2 or self.stage == 0, "--group-size must be >= 2 (advantages compare)"),
+            (self.group_size == 1 or self.stage > 0, "--stage 0 imitates one gold each: --group-size 1"),
+            (self.gold is None or self.stage == 0, "--gold is for --stage 0"),
+            (
+                min(getattr(self, k) for k in counts) >= 1,
+                f"--{', --'.join(counts)} must be >= 1".replace("_", "-"),
+            ),
+            (self.ref is None or self.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
+            (self.ref is None or self.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
+            (self.clip_ratio_c is None or self.clip_ratio_c > 1, "--clip-ratio-c must be > 1"),
+            (self.tis_cap is None or self.tis_cap > 0, "--tis-cap must be > 0"),
+            (0 <= self.overlong_buffer < self.max_new_tokens, "--overlong-buffer: 0 to max-new-tokens - 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 def parse_args(argv=None) -> Config:
-    p = common.config_parser(
+    p = config_parser(
         Config, STAGE_DEFAULTS, "GRPO for grounded, cited answers: python grpo.py --stage 0|1|2"
     )
     args = vars(p.parse_args(argv))
-    cfg = Config(
-        **{k: STAGE_DEFAULTS[args["stage"]].get(k) if v is None else v for k, v in args.items()}
-    )  # not given
-    cfg.out = cfg.out or f"runs/stage{cfg.stage}"
-    counts = ("steps", "batch_prompts", "max_new_tokens", "mu", "micro_batch", "save_every")
-    for ok, message in (
-        (cfg.temperature > 0, "--temperature must be > 0 (the policy is softmax(logits / T))"),
-        (cfg.group_size >= 2 or cfg.stage == 0, "--group-size must be >= 2 (advantages compare)"),
-        (cfg.group_size == 1 or cfg.stage > 0, "--stage 0 imitates one gold each: --group-size 1"),
-        (cfg.gold is None or cfg.stage == 0, "--gold is for --stage 0"),
-        (min(getattr(cfg, k) for k in counts) >= 1, f"--{', --'.join(counts)} must be >= 1"),
-        (cfg.ref is None or cfg.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
-        (cfg.ref is None or cfg.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
-        (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, "--clip-ratio-c must be 0 (off) or > 1"),
-        (cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0 = off)"),
-        (0 <= cfg.overlong_buffer < cfg.max_new_tokens, "--overlong-buffer: 0 to max_new_tokens - 1"),
-    ):
-        if not ok:
-            p.error(message.replace("_", "-"))
-    return cfg
+    try:
+        return Config(**args)
+    except ValueError as e:
+        p.error(str(e))
 
 
-# ---- The rollout: sample G completions per prompt, score each ------------------------------------------------------
+# ---- The rollout: sample G completions per prompt, score each ----------------------------------------------------
 
 
-def sample_and_score(model, tokenizer, records, cfg, seed, first_row=0):
-    """B records -> B*G completions with rewards. Rows [i*G:(i+1)*G] belong to records[i]; row r draws from the
-    seed of row first_row + r of the global batch, so the split over processes does not change the samples."""
+@dataclass
+class Rollout:
+    """One sampling round of this rank: B records, G completions each, scored. Rows [i*G:(i+1)*G] belong to
+    records[i]. Built on the host, where text is decoded and scored; `to` moves what the update reads."""
+
+    records: list  # (B,) data.Record
+    prompts: list  # (B,) prompt token ids
+    prefills: list  # (B,) the start of the answer the prompt already holds ("<think>")
+    comp_ids: torch.Tensor  # (R, M) completion tokens, R = B * G
+    comp_mask: torch.Tensor  # (R, M) 1 up to and including the first EOS or stop string
+    sampler_logp: torch.Tensor | None  # (R, M) the sampler's log-probs of those tokens; None for gold ones
+    texts: list  # (R,) decoded completions
+    rewards: torch.Tensor  # (R,) float64
+    components: list  # (R,) {name: amount} from the reward function
+    truncated: torch.Tensor  # (R,) bool: cut at --max-new-tokens
+
+    @property
+    def group_size(self) -> int:
+        return len(self.texts) // len(self.records)
+
+    def to(self, device) -> "Rollout":
+        """The tensors the update reads on `device`, one copy each."""
+        logp = None if self.sampler_logp is None else self.sampler_logp.to(device)
+        return replace(
+            self, comp_ids=self.comp_ids.to(device), comp_mask=self.comp_mask.to(device), sampler_logp=logp
+        )
+
+
+def stage_reward_fn(stage):
+    """The method's reward of a stage, as reward_fn(completion, record) -> (total, components); stage 0's gold
+    completions are scored as stage 2 would (the metrics show what the warm-up teaches)."""
+    return functools.partial(rewards.stage_reward, stage=stage or 2)
+
+
+def sample_rollout(model, tokenizer, records, cfg, reward_fn, seed, first_row=0) -> Rollout:
+    """B records -> B*G sampled completions with rewards. Row r draws from the seed of row first_row + r of the
+    global batch, so the split over processes does not change the samples."""
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     eos = eos_token_ids(model, tokenizer)
-    with common.sampling_weights(model):  # eval mode; under FSDP the weights gathered once for the round
+    with distributed.sampling_weights(model):  # eval mode; under FSDP the weights gathered once for the round
         out = generate(
             model,
             [ids for ids, _ in built],
+            eos_token_ids=eos,
             group_size=cfg.group_size,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            eos_token_ids=eos,
             seed=seed,
             stop_strings=STOP_STRINGS,
             tokenizer=tokenizer,
             first_row=first_row,
         )
-    # generate runs under inference_mode; clones are ordinary tensors that autograd may save for backward
-    comp_ids, comp_mask, sampler_logp = (x.clone() for x in out)  # (B*G, max_new_tokens) each
-    return score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp)
+    # to the host, as ordinary tensors (generate runs under inference_mode): text and rewards are host work
+    comp_ids, comp_mask, sampler_logp = (x.to("cpu", copy=True) for x in out)  # (R, M) each
+    return score_rollout(built, records, comp_ids, comp_mask, sampler_logp, tokenizer, eos, cfg, reward_fn)
 
 
-def gold_batch(tokenizer, records, cfg, gold):
+def gold_rollout(tokenizer, records, cfg, gold, reward_fn) -> Rollout:
     """Stage 0, the warm-up: one gold completion per prompt in place of G samples (gold: {record id: completion},
-    the rest written by data.gold_completion), in sample_and_score's layout."""
+    the rest written by data.gold_completion)."""
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     ids = [
-        torch.tensor(tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"])
+        tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"]
         for r in records
     ]
-    comp_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)  # (B, M)
-    comp_mask = (torch.arange(comp_ids.shape[1]) < torch.tensor([len(x) for x in ids])[:, None]).float()
-    return score(built, records, comp_ids, comp_mask, tokenizer, cfg, ())
+    comp_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in ids], batch_first=True)  # (B, M)
+    lengths = torch.tensor([len(x) for x in ids])  # (B,)
+    comp_mask = (torch.arange(comp_ids.shape[1]) < lengths[:, None]).float()  # (B, M)
+    return score_rollout(built, records, comp_ids, comp_mask, None, tokenizer, (), cfg, reward_fn)
 
 
-def score(built, records, comp_ids, comp_mask, tokenizer, cfg, eos, sampler_logp=None):
-    """The rewards of completions (R, M) of records (R / len(records) rows each), and the batch dict of the update."""
-    R, G = comp_ids.shape[0], comp_ids.shape[0] // len(records)
-    lengths = comp_mask.sum(1).long()  # (R,)
+def score_rollout(
+    built, records, comp_ids, comp_mask, sampler_logp, tokenizer, eos, cfg, reward_fn
+) -> Rollout:
+    """Decode and reward R completions (R / len(records) rows each) of (prompt ids, prefill) `built`."""
+    G = comp_ids.shape[0] // len(records)
+    lengths = comp_mask.sum(1).long().tolist()  # (R,)
     texts = [
         tokenizer.decode(comp_ids[r, :n].tolist(), skip_special_tokens=True) for r, n in enumerate(lengths)
     ]
-    # the reward sees what the assistant wrote: the prefilled "<think>" plus the completion (stage 0: scored as 2)
-    totals, components = rewards.completion_rewards(
-        [built[r // G][1] + t for r, t in enumerate(texts)],
-        records,
-        cfg.stage or 2,
-        lengths,
-        cfg.max_new_tokens,
-        cfg.overlong_buffer,
-    )
-    ended = [comp_ids[r, n - 1].item() in eos or STOP_STRINGS[0] in texts[r] for r, n in enumerate(lengths)]
-    return dict(
+    totals, components, ended = [], [], []
+    for r, text in enumerate(texts):
+        # the reward sees what the assistant wrote: the prefilled "<think>" plus the completion
+        total, parts = reward_fn(built[r // G][1] + text, records[r // G])
+        if cfg.overlong_buffer > 0:
+            penalty = rewards.overlong_penalty(lengths[r], cfg.max_new_tokens, cfg.overlong_buffer)
+            total, parts = total + penalty, dict(parts, overlong=penalty)
+        totals.append(float(total))
+        components.append(parts)
+        ended.append(lengths[r] > 0 and comp_ids[r, lengths[r] - 1].item() in eos or STOP_STRINGS[0] in text)
+    return Rollout(
+        records=records,
         prompts=[ids for ids, _ in built],
-        prefills=[p for _, p in built],
+        prefills=[prefill for _, prefill in built],
         comp_ids=comp_ids,
-        texts=texts,
         comp_mask=comp_mask,
         sampler_logp=sampler_logp,
-        rewards=torch.tensor(totals),
+        texts=texts,
+        rewards=torch.tensor(totals, dtype=torch.float64),
         components=components,
-        truncated=~torch.tensor(ended),
-        answerable=torch.tensor([records[r // G].answerable for r in range(R)]),
+        truncated=~torch.tensor(ended, dtype=torch.bool),
     )
 
 
-# ---- The update: mu optimizer steps on one sampled batch -----------------------------------------------------------
+def gather_rollout(rollout):
+    """The numbers of every completion of the global batch, in rank order, as metrics.batch_metrics takes them."""
+    keys = distributed.all_gather_union(k for parts in rollout.components for k in parts)
+    G = rollout.group_size
+    parts = dict(
+        rewards=rollout.rewards,
+        truncated=rollout.truncated.long(),
+        answerable=torch.tensor(
+            [rollout.records[r // G].answerable for r in range(len(rollout.texts))]
+        ).long(),
+        lengths=rollout.comp_mask.sum(1).double(),
+        components=torch.tensor([[float(c.get(k, 0.0)) for k in keys] for c in rollout.components]).double(),
+    )
+    g = {name: distributed.all_gather_cat(x) for name, x in parts.items()}  # host tensors: gloo
+    return dict(
+        rewards=g["rewards"],
+        lengths=g["lengths"],
+        truncated=g["truncated"].bool(),
+        answerable=g["answerable"].bool(),
+        components=dict(zip(keys, g["components"].T)),
+    )
+
+
+def rows_in_loss(rollout, cfg):
+    """The rows the loss sees: all, less the groups whose rewards are all equal with --drop-zero-std-groups
+    (their advantage is 0 anyway) and the completions cut at the budget with --mask-truncated."""
+    per_group = rollout.rewards.view(-1, rollout.group_size)  # (B, G)
+    spread = (per_group.max(1).values != per_group.min(1).values).tolist()  # (B,) groups that teach
+    keep = []
+    for r in range(len(rollout.texts)):
+        dropped = cfg.drop_zero_std_groups and cfg.stage > 0 and not spread[r // rollout.group_size]
+        if not dropped and not (cfg.mask_truncated and rollout.truncated[r]):
+            keep.append(r)
+    return keep
+
+
+# ---- The update: mu optimizer steps on one sampled batch -----------------------------------------------------
 
 
 def lr_at(it, total, cfg):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr: a function of the step, nothing to restore."""
     if it < cfg.warmup_steps:
         return cfg.lr * (it + 1) / cfg.warmup_steps
-    progress, floor = (
-        min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)),
-        cfg.lr * cfg.min_lr_ratio,
-    )
+    progress = min(1.0, (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -454,72 +521,47 @@ def make_optimizer(params, cfg):  # fused: in place, where the default allocates
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay, fused=True)
 
 
-LOSS_METRICS = (
-    "policy_loss",
-    "surrogate",
-    "kl",
-    "ratio_mean",
-    "ratio_max",
-    "clip_frac_low",
-    "clip_frac_high",
-    "clip_frac",
-    "entropy",
-    "nll",
+LOSS_METRICS = tuple(
+    "policy_loss surrogate kl ratio_mean ratio_max clip_frac_low clip_frac_high clip_frac entropy nll".split()
 )
 
 
 def policy_update(
     model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps, log=print
 ):
-    """-> per-inner-iteration metric dicts. keep_rows: the rows in the loss (all, or fewer: --drop-zero-std-groups)"""
-    chunks = common.same_count(
-        micro_batches(keep_rows, cfg.micro_batch, cfg.group_size)
-    )  # equal counts on all ranks
-    mask, sampler_logp = batch["comp_mask"], batch.get("sampler_logp")  # (R, M) each
+    """cfg.mu optimizer steps on one rollout -> a metrics dict per step. batch: the Rollout on the model's device
+    (Rollout.to); advantages (R,) on that device; keep_rows: the rows in the loss (all, or fewer)."""
+    device = batch.comp_ids.device
+    # micro-batches, as many on every rank: under FSDP each forward and backward is a collective
+    chunks = same_count(micro_batches(keep_rows, cfg.micro_batch, batch.group_size))
+    mask, sampler_logp = batch.comp_mask, batch.sampler_logp  # (R, M) each
     # normalizers of the whole optimizer step: all micro-batches, all ranks
-    num_tokens = common.all_reduce_sum(mask[keep_rows].sum().double()).item()
-    num_seqs = int(common.all_reduce_sum(torch.tensor(float(len(keep_rows)), dtype=torch.float64)).item())
+    num_tokens = distributed.all_reduce_sum(mask[keep_rows].sum().double()).item()
+    num_seqs = int(distributed.all_reduce_sum(torch.tensor(len(keep_rows))).item())
     if num_seqs == 0:  # every row was left out (all-equal rewards everywhere): nothing to learn this step
         log(f"[info] optimizer step {opt_step}: no rows left for the loss; update skipped")
-        return [
-            dict(
-                dict.fromkeys(LOSS_METRICS, 0.0),
-                loss=0.0,
-                ratio_mean=1.0,
-                ratio_max=1.0,
-                grad_norm=0.0,
-                lr=lr_at(opt_step, total_opt_steps, cfg),
-                skipped=1,
-            )
-        ]
+        metrics = dict.fromkeys(LOSS_METRICS, 0.0) | dict(ratio_mean=1.0, ratio_max=1.0)
+        return [metrics | dict(loss=0.0, grad_norm=0.0, lr=lr_at(opt_step, total_opt_steps, cfg), skipped=1)]
     old_logp, ref_logp, history = {}, {}, []  # per micro-batch: the sampling policy's and the reference's
     for it in range(cfg.mu):
         lr = lr_at(opt_step + it, total_opt_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        stats = common.StepMetrics(LOSS_METRICS + (SAMPLER_METRICS if sampler_logp is not None else ()))
-        loss_total = torch.zeros(
-            (), dtype=torch.float64
-        )  # the micro-batches' losses add up to the step's loss
+        stats = StepMetrics(LOSS_METRICS + (SAMPLER_METRICS if sampler_logp is not None else ()), device)
+        # the micro-batches' losses add up to the whole step's
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for c, (rows, pids, rows_prompt, w) in enumerate(chunks):
-            common.release_freed_memory()  # what sampling, the no-grad passes and the last step freed: RSS = live
+            memory.release_freed_memory()  # what sampling, the no-grad passes and the last step freed
             mrows = mask[rows] * w  # (r, M)
-            inputs = (
-                [batch["prompts"][p] for p in pids],
-                batch["comp_ids"][rows],
-                mrows,
-                rows_prompt,
-                cfg.temperature,
-            )
-            if (
-                cfg.beta > 0 and it == 0
-            ):  # the frozen reference: a copy, or with LoRA the policy, adapters off
-                with (
-                    torch.no_grad(),
-                    contextlib.nullcontext() if reference is not None else adapters_off(model),
-                ):
-                    ref_logp[c] = completion_logprobs(reference if reference is not None else model, *inputs)
+            prompts = [batch.prompts[p] for p in pids]
+            inputs = (prompts, batch.comp_ids[rows], mrows, rows_prompt, cfg.temperature)
+            # the frozen reference: a copy, or with LoRA the policy with its adapters off
+            if cfg.beta > 0 and it == 0:
+                ref_model = reference if reference is not None else model
+                off = contextlib.nullcontext() if reference is not None else adapters_off(model)
+                with torch.no_grad(), off:
+                    ref_logp[c] = completion_logprobs(ref_model, *inputs)
             logp, ent = completion_logprobs(model, *inputs, return_entropy=True)  # (r, M) each
             loss, m = grpo_loss(
                 logp,
@@ -535,23 +577,23 @@ def policy_update(
                 num_tokens=num_tokens,
                 num_seqs=num_seqs,
                 is_level=cfg.is_level,
-                clip_ratio_c=cfg.clip_ratio_c or None,
-                tis_cap=cfg.tis_cap or None,
+                clip_ratio_c=cfg.clip_ratio_c,
+                tis_cap=cfg.tis_cap,
                 sampler_logp=None if sampler_logp is None else sampler_logp[rows],
             )
             if cfg.mu > 1 and it == 0:  # the sampling policy = these weights before any step: kept for it > 0
                 old_logp[c] = logp.detach()
-            common.release_freed_memory()  # the forward's freed temporaries, before gradients are allocated
+            memory.release_freed_memory()  # the forward's freed temporaries, before gradients are allocated
             loss.backward()
             loss_total += loss.detach().double()
             n = torch.clamp(
                 m["tokens"], min=1
             )  # nll: the warm-up's loss, the mean -log p of the trained tokens
-            stats.add(
-                dict(m, entropy=(ent * mrows).sum() / n, nll=-(logp.detach() * mrows).sum() / n), m["tokens"]
-            )
-        params = common.reduce_gradients(model)  # fp32, summed over ranks (FSDP: already, in backward)
-        loss_total = common.all_reduce_sum(loss_total).item()
+            nll = -(logp.detach() * mrows).sum() / n
+            stats.add(dict(m, entropy=(ent * mrows).sum() / n, nll=nll), m["tokens"])
+        # the gradients of the whole step's loss in fp32: FSDP has summed them over the ranks in backward
+        params = distributed.trained_parameters(model)
+        loss_total = distributed.all_reduce_sum(loss_total).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         ).item()
@@ -564,83 +606,81 @@ def policy_update(
         else:
             optimizer.step()
         history.append(
-            dict(stats.reduce(num_tokens), loss=loss_total, grad_norm=grad_norm, lr=lr, skipped=int(skipped))
+            stats.reduce(num_tokens) | dict(loss=loss_total, grad_norm=grad_norm, lr=lr, skipped=int(skipped))
         )
     optimizer.zero_grad(set_to_none=True)
     return history
 
 
-# ---- main: set up, then the step loop ------------------------------------------------------------------------------
+# ---- main: set up, then the step loop ------------------------------------------------------------------------
 
 
-def main(argv=None):
+def main(argv=None, reward_fn=None):
+    """Train one stage. reward_fn(completion, record) -> (total, {component: amount}): the stage's reward by
+    default (stage_reward_fn); another one trains the same loop on another task."""
     cfg, t_start = parse_args(argv), time.time()
-    rank, world, device = common.setup_distributed(cfg.seed)  # and seeds torch and random alike on every rank
+    reward_fn = reward_fn or stage_reward_fn(cfg.stage)
+    rank, world, device = distributed.setup_distributed(cfg.seed)  # seeds torch and random on every rank
+    dtype = distributed.compute_dtype(cfg.dtype, device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    out, ckpt = Path(cfg.out), common.checkpoint_to_resume(cfg, log)  # never overwrites a run silently
-    model, reference, tokenizer, init = common.load_run_models(
-        cfg, ckpt, device, log
-    )  # init: the stage's start
-    optimizer = common.with_master_weights(model, make_optimizer(common.trained_parameters(model), cfg))
+    out, ckpt = Path(cfg.out), checkpoint.checkpoint_to_resume(cfg, log)  # never overwrites a run silently
+    init = checkpoint.resolve_init(cfg, resuming=ckpt is not None, log=log)  # the stage's start
+    model, reference, tokenizer = distributed.load_run_models(cfg, ckpt, init, device, dtype, world, log)
+    optimizer = make_optimizer(distributed.trained_parameters(model), cfg)
+    distributed.with_master_weights(model, optimizer)
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
     records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
     log(f"[data] {cfg.data}: {len(records)} records; {cfg.batch_prompts * world} x {cfg.group_size} per step")
-    [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
+    for record in records:
+        training_prompt(record, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples)
     gold = load_gold_completions(cfg.gold) if cfg.gold else {}
     # the state, fresh or resumed; the run's logs keep what came before the checkpoint's step
-    step, opt_step, data_pos = (
-        common.restore_trainer_state(ckpt, model, optimizer, log) if ckpt else (0, 0, [0, 0])
-    )
-    history = (
-        []
-        if rank
-        else common.open_run_logs(out, step, dict(asdict(cfg), init_resolved=init, world_size=world))
-    )
-    total_opt_steps, last_step, G = (
-        cfg.steps * cfg.mu,
-        min(cfg.steps, cfg.stop_after or cfg.steps),
-        cfg.group_size,
-    )
+    step, opt_step, data_pos = 0, 0, [0, 0]
+    if ckpt:
+        step, opt_step, data_pos = checkpoint.restore_trainer_state(ckpt, model, optimizer, log)
+    run_config = dict(asdict(cfg), dtype=dtype, init_resolved=init, world_size=world)
+    history = [] if rank else checkpoint.open_run_logs(out, step, run_config)
+    G, total_opt_steps = cfg.group_size, cfg.steps * cfg.mu
+    last_step = min(cfg.steps, cfg.stop_after or cfg.steps)
     bar = tqdm(total=last_step, initial=step, disable=rank != 0 or cfg.no_progress, dynamic_ncols=True)
     while step < last_step:
         t0 = time.time()
         # 1-2. the global batch in the seeded order, this rank's slice of whole groups: G completions each, scored
         global_records, data_pos = next_records(records, data_pos, cfg.batch_prompts * world, cfg.seed)
         local = global_records[rank * cfg.batch_prompts : (rank + 1) * cfg.batch_prompts]
-        if cfg.stage == 0:  # the warm-up: this update on one gold completion per prompt with advantage 1 (and
-            batch = gold_batch(
-                tokenizer, local, cfg, gold
-            )  # ratio 1, no clip) minimizes its tokens' mean NLL
+        if (
+            cfg.stage == 0
+        ):  # the warm-up: this update on one gold each, advantage 1 and ratio 1, is its mean NLL
+            rollout = gold_rollout(tokenizer, local, cfg, gold, reward_fn)
         else:
-            batch = sample_and_score(
-                model,
-                tokenizer,
-                local,
-                cfg,
-                seed=(cfg.seed * 100_003 + step) * 1024,
-                first_row=rank * cfg.batch_prompts * G,
-            )
+            seed = (cfg.seed * 100_003 + step) * 1024
+            first_row = rank * cfg.batch_prompts * G
+            rollout = sample_rollout(model, tokenizer, local, cfg, reward_fn, seed, first_row)
         t_sample = time.time() - t0
         # 3. advantages over the global batch (group scaling looks within a group, batch scaling at all of it)
-        gathered, R = common.gather_rollout(batch), len(batch["texts"])
-        advantages = (
-            group_advantages(gathered["rewards"], G, cfg.scale_rewards)[rank * R : (rank + 1) * R]
-            if cfg.stage
-            else torch.ones(R)
-        )  # (R,)
-        per_group = batch["rewards"].view(-1, G)
-        spread = (per_group.max(1).values != per_group.min(1).values).tolist()  # (B,) groups that teach
-        keep = [
-            r
-            for r in range(R)
-            if (spread[r // G] or not cfg.drop_zero_std_groups or cfg.stage == 0)
-            and not (cfg.mask_truncated and batch["truncated"][r])
-        ]
-        # 4-6. log-probs, loss, backward, optimizer step(s)
+        gathered, R = gather_rollout(rollout), len(rollout.texts)
+        advantages = torch.ones(R)  # (R,) stage 0
+        if cfg.stage > 0:
+            advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)[
+                rank * R : (rank + 1) * R
+            ]
+        keep = rows_in_loss(rollout, cfg)
+        # 4-6. log-probs, loss, backward, optimizer step(s): what the update reads crosses to the device here
         t1 = time.time()
-        inner = policy_update(
-            model, reference, optimizer, batch, advantages, keep, cfg, opt_step, total_opt_steps, log
+        batch, advantages_on_device = rollout.to(device), advantages.to(device)
+        args = (
+            model,
+            reference,
+            optimizer,
+            batch,
+            advantages_on_device,
+            keep,
+            cfg,
+            opt_step,
+            total_opt_steps,
+            log,
         )
+        inner = policy_update(*args)
         opt_step, step = opt_step + cfg.mu, step + 1
         t_train, dt = time.time() - t1, time.time() - t0
         # 7. metrics of the global batch, loss metrics averaged over the inner iterations; samples; checkpoint
@@ -648,38 +688,26 @@ def main(argv=None):
         m.update({k: sum(h[k] for h in inner) / len(inner) for k in inner[0]})
         if cfg.mu > 1:
             m["ratio_mean_last_iter"] = inner[-1]["ratio_mean"]
-        m.update(
-            kept_rows=int(common.all_reduce_sum(torch.tensor(len(keep))).item()),
-            sample_time=t_sample,
-            tokens_per_s=gathered["lengths"].sum().item() / dt,
-            train_time=t_train,
-            step_time=dt,
-        )
+        m["kept_rows"] = int(distributed.all_reduce_sum(torch.tensor(len(keep))).item())
+        tokens = gathered["lengths"].sum().item()
+        m.update(sample_time=t_sample, tokens_per_s=tokens / dt, train_time=t_train, step_time=dt)
         if rank == 0:
             history.append(m)
-            common.append_jsonl(out / "metrics.jsonl", [m])
-            common.log_samples(out / "samples.jsonl", step - 1, batch, local, advantages, cfg.log_samples, G)
-        bar.set_postfix(
-            reward=f"{m['reward_mean']:.2f}",
-            fmt=f"{m.get('reward/format', float('nan')):.2f}",
-            step_s=f"{dt:.1f}",
-        )
+            checkpoint.append_jsonl(out / "metrics.jsonl", [m])
+            checkpoint.log_samples(out / "samples.jsonl", step - 1, rollout, advantages, cfg.log_samples)
+        fmt = m.get("reward/format", float("nan"))
+        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", fmt=f"{fmt:.2f}", step_s=f"{dt:.1f}")
         bar.update(1)
         if step % cfg.save_every == 0 or step == last_step:
-            common.save_checkpoint(
-                out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg
-            )  # rank 0 writes
-            common.barrier()
+            checkpoint.save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg)
+            distributed.barrier()
     bar.close()
-    for line in [
-        "=" * 78,
-        *training_summary(cfg.stage, history, time.time() - t_start),
-        f"checkpoint: {out / 'checkpoint'}",
-        f"metrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl",
-        "=" * 78,
-    ]:
+    log("=" * 78)
+    for line in training_summary(cfg.stage, history, time.time() - t_start):
         log(line)
-    common.shutdown_distributed()
+    log(f"checkpoint: {out / 'checkpoint'}\nmetrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl")
+    log("=" * 78)
+    distributed.shutdown_distributed()
     return history
 
 

@@ -1,11 +1,49 @@
-"""The trainer's per-step reports: the metrics of one sampled batch and the end-of-run summary table (grpo.py).
+"""The trainer's per-step reports: the metrics of one optimizer step, of one sampled batch, and the end-of-run
+summary table (grpo.py).
 
+    StepMetrics       the loss metrics of one optimizer step over its micro-batches and ranks, on the device
     batch_metrics     reward, reward components, lengths, clipping and refusal shares of one global batch
     training_summary  the end-of-run table: first and last step, means of the first and last 5 steps
 
 Plain arithmetic on tensors and logged dicts. The rewards themselves are rewards.py's; plotting a run's
 metrics.jsonl and the Trust-Score evaluation of a checkpoint are eval.py's.
 """
+
+import math
+
+import torch
+
+from distributed import all_reduce_max, all_reduce_sum
+
+
+class StepMetrics:
+    """Metrics of one optimizer step over its micro-batches and ranks, by name: "...max" keys are maxima, ".../min"
+    minima, the rest token-weighted means. The keys are fixed up front, so every rank reduces the same tensors even
+    when one of them has no rows this step. Kept on the device the metrics come from: no copy per micro-batch."""
+
+    def __init__(self, keys, device):
+        self.keys = list(keys)
+        signs = [1.0 if k.endswith("max") else -1.0 if k.endswith("/min") else 0.0 for k in self.keys]
+        self.sign = torch.tensor(
+            signs, dtype=torch.float64, device=device
+        )  # +1 max, -1 min (max of -x), 0 mean
+        self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
+        self.extremes = torch.full((len(self.keys),), -math.inf, dtype=torch.float64, device=device)
+
+    def add(self, metrics, tokens):
+        """metrics {key: 0-dim tensor or float} of one micro-batch of `tokens` completion tokens."""
+        if float(tokens) == 0:  # no tokens: nothing to average, and no extremes (e.g. a padded micro-batch)
+            return
+        device = self.sums.device
+        v = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=device) for k in self.keys])
+        self.sums += v * float(tokens)
+        self.extremes = torch.maximum(self.extremes, self.sign * v)
+
+    def reduce(self, num_tokens) -> dict:
+        means = all_reduce_sum(self.sums) / max(num_tokens, 1.0)
+        extremes = all_reduce_max(self.extremes) * self.sign
+        values = torch.where(self.sign == 0, means, extremes).tolist()  # one copy to the host
+        return dict(zip(self.keys, values))
 
 
 def batch_metrics(lengths, rewards, components, truncated, answerable, G):

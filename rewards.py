@@ -227,21 +227,3 @@ def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
     if buffer <= 0:
         return 0.0
     return max(-1.0, min(0.0, (max_len - buffer - length) / buffer))
-
-
-def completion_rewards(
-    completions: list[str],
-    records: list,
-    stage: int,
-    lengths: list[int],
-    max_len: int,
-    overlong_buffer: int = 0,
-) -> tuple[list[float], list[dict]]:
-    """(totals, components) of R completions (what the assistant wrote, prefill included) of records, R / len(records)
-    consecutive rows each: the stage reward, plus DAPO's overlong penalty as its own component when buffer > 0."""
-    G = len(completions) // len(records)
-    scored = [stage_reward(text, records[r // G], stage) for r, text in enumerate(completions)]
-    if overlong_buffer > 0:
-        penalties = [overlong_penalty(int(n), max_len, overlong_buffer) for n in lengths]
-        scored = [(total + p, dict(c, overlong=p)) for (total, c), p in zip(scored, penalties)]
-    return [float(total) for total, _ in scored], [c for _, c in scored]

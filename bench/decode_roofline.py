@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
+import sampler  # noqa: E402
 from kernels import decode  # noqa: E402
 
 ROWS = 32  # 4 prompts x G = 8
@@ -69,13 +71,13 @@ def profile(n):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    path = M.builtin_model_dir()
+    path = builtin.builtin_model_dir()
     net = M.Transformer.from_pretrained(path).eval()
     prompts = chat_prompts(M.load_tokenizer(path))
     kw = dict(group_size=8, temperature=1.0, top_p=1.0, eos_token_ids=[], seed=0)
-    M.generate(net, prompts, max_new_tokens=4, **kw)
+    sampler.generate(net, prompts, max_new_tokens=4, **kw)
     with torch_profile(activities=[ProfilerActivity.CPU]) as p:
-        M.generate(net, prompts, max_new_tokens=32, **kw)
+        sampler.generate(net, prompts, max_new_tokens=32, **kw)
     print(f"{n} thread(s), 32 rows x 32 new tokens:")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 

@@ -17,7 +17,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
+import sampler  # noqa: E402
 
 QUESTIONS = [
     "Document [1](Title: Lake Varnis): Lake Varnis has a depth of 412 meters.\nDocument [2](Title: Mount Orel): "
@@ -41,13 +43,13 @@ def chat_prompts(tok):
 
 def run_ours(model, prompts, args, seed):
     t = time.perf_counter()
-    ids, mask, _ = M.generate(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
+    ids, mask, _ = sampler.generate(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
                               temperature=args.temperature, top_p=args.top_p, eos_token_ids=[], seed=seed)  # fmt: skip
     return int(mask.sum()), time.perf_counter() - t
 
 
 def run_hf(hf, prompts, args, seed):
-    from model import left_pad
+    from sampler import left_pad
 
     ids, mask = left_pad(prompts, 2, "cpu")
     torch.manual_seed(seed)
@@ -74,7 +76,7 @@ def main():
 
     from transformers import AutoModelForCausalLM
 
-    path = M.builtin_model_dir()
+    path = builtin.builtin_model_dir()
     ours = M.Transformer.from_pretrained(path).eval()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = chat_prompts(M.load_tokenizer(path))

@@ -24,10 +24,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import distributed  # noqa: E402
 import grpo  # noqa: E402
 import kernels  # noqa: E402
-from model import ModelConfig, Transformer, generate  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from sampler import generate  # noqa: E402
 
 QWEN25_1_5B = dict(
     model_type="qwen2",
@@ -201,8 +202,10 @@ def grpo_bench(device, hf, prompts, prompt_len, G, new_tokens, steps):
         dtype="bfloat16", group_size=G, max_new_tokens=new_tokens, micro_batch=G, lr=1e-5, warmup_steps=0
     )
     model = random_model(hf, device, embed_std=0.02)
-    common.keep_master_weights(model, torch.bfloat16)
-    optimizer = common.with_master_weights(model, grpo.make_optimizer(common.trained_parameters(model), cfg))
+    distributed.keep_master_weights(model, torch.bfloat16)
+    optimizer = distributed.with_master_weights(
+        model, grpo.make_optimizer(distributed.trained_parameters(model), cfg)
+    )
     P = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     sample_s = train_s = sample_tok = train_tok = 0.0
@@ -232,7 +235,19 @@ def grpo_bench(device, hf, prompts, prompt_len, G, new_tokens, steps):
             ((ids % 2 == 0).float() * mask).sum(1).cpu()
         )  # any rule will do: the count of even token ids
         adv = grpo.group_advantages(rewards, G).to(device)
-        batch = dict(prompts=batch_prompts, comp_ids=ids, comp_mask=mask, sampler_logp=slogp)
+        R = len(rewards)
+        batch = grpo.Rollout(
+            records=[None] * prompts,
+            prompts=batch_prompts,
+            prefills=[""] * prompts,
+            comp_ids=ids,
+            comp_mask=mask,
+            sampler_logp=slogp,
+            texts=[""] * R,
+            rewards=rewards.double(),
+            components=[{}] * R,
+            truncated=torch.zeros(R, dtype=torch.bool),
+        )
         t = time.perf_counter()
         hist = grpo.policy_update(
             model,

@@ -1,4 +1,4 @@
-"""Which models fit on 1, 2, 4, 8 GPUs of 80 GB, full fine-tune or LoRA, by common.memory_plan (the start-up check).
+"""Which models fit on 1, 2, 4, 8 GPUs of 80 GB, full fine-tune or LoRA, by memory.memory_plan (the start-up check).
 
     python bench/memory_table.py [--gb 80] [--max-new-tokens 512] [--grad-checkpoint]
 
@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import grpo  # noqa: E402
+import memory  # noqa: E402
 
 MODELS = {
     "Qwen2.5-0.5B": dict(
@@ -103,9 +103,9 @@ def main():
                 grad_checkpoint=a.grad_checkpoint,
             )
             for w in worlds:
-                peak = common.memory_plan(hf, cfg, w)["peak"] / 1e9
+                peak = memory.memory_plan(hf, cfg, w)["peak"] / 1e9
                 cells.append(f"{peak:.0f} {'fits' if peak < a.gb else 'no'}")
-        P = common.model_numels(hf)[0]
+        P = memory.model_numels(hf)[0]
         print(f"| {name} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
 
 

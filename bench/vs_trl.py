@@ -1,6 +1,6 @@
 """One GRPO step of this project's trainer (grpo.py) against TRL's GRPOTrainer, on CPU, same work.
 
-Both trainers get the same model (the built-in SmolLM2-135M-Instruct, float32, from model.builtin_model_dir()), the
+Both trainers get the same model (the built-in SmolLM2-135M-Instruct, float32, from builtin.builtin_model_dir()), the
 same prompts in the same order (the synthetic stage-1 task, data.training_prompt; TRL gets that prompt as text, and we
 check it tokenizes back to the same ids), the same reward (rewards.stage_reward on prefill + completion), the same
 G, max new tokens, temperature, top-p, beta > 0 (so both hold a frozen reference model and run it every step),
@@ -11,7 +11,7 @@ k3 KL, clip range, learning rate (constant), AdamW betas, gradient clipping, rew
     --loss-agg seq-mean-token-sum-norm <-> TRL loss_type="dr_grpo"
 
 One step = sample B*G completions, score them, advantages, reference log-probs, policy log-probs, loss, backward,
-clip, AdamW. Ours is grpo.py's own functions (sample_and_score, group_advantages, policy_update: what grpo.main runs
+clip, AdamW. Ours is grpo.py's own functions (sample_rollout, group_advantages, policy_update: what grpo.main runs
 per step, minus logging and checkpoints); TRL's is one iteration of Trainer.train(), timed from on_step_begin to
 on_step_end (generation, rewards, reference, loss, backward, optimizer step all fall between the two).
 
@@ -40,6 +40,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -256,15 +258,15 @@ def worker_ours(args):
     import torch
 
     rss_imports = rss_mb()[0]
-    import common
     import grpo
-    from model import builtin_model_dir, load_tokenizer
+    from builtin import builtin_model_dir
+    from model import load_tokenizer
 
     threads = set_threads(args)
     set_stop(args)
     path = builtin_model_dir()
     cfg = our_config(args)
-    model, reference = common.load_models(cfg, path, path, torch.device("cpu"))
+    model, reference = distributed.load_models(cfg, path, path, torch.device("cpu"), "float32")
     tokenizer = load_tokenizer(path)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = grpo.make_optimizer(params, cfg)  # as main()
@@ -281,10 +283,12 @@ def worker_ours(args):
         wait_go()
         phases.mark("between steps")
         t0 = time.perf_counter()
-        batch = grpo.sample_and_score(model, tokenizer, records[step * B : (step + 1) * B], cfg, seed=step)
+        batch = grpo.sample_rollout(
+            model, tokenizer, records[step * B : (step + 1) * B], cfg, grpo.stage_reward_fn(1), seed=step
+        )
         t_sample = time.perf_counter() - t0
         phases.mark("generation + reward")
-        advantages = grpo.group_advantages(batch["rewards"], G, cfg.scale_rewards)
+        advantages = grpo.group_advantages(batch.rewards, G, cfg.scale_rewards)
         hist = grpo.policy_update(
             model,
             reference,
@@ -304,8 +308,8 @@ def worker_ours(args):
             step=step,
             time=dt,
             sample_time=t_sample,
-            tokens=batch["comp_mask"].sum().item(),
-            reward=batch["rewards"].mean().item(),
+            tokens=batch.comp_mask.sum().item(),
+            reward=batch.rewards.mean().item(),
             loss=hist[-1]["loss"],
             kl=hist[-1]["kl"],
             phases=phases.take(),
@@ -469,33 +473,34 @@ def worker_parity(args):
     import torch
     import trl
 
-    import common
     import grpo
-    import model as model_lib
-    from model import builtin_model_dir, left_pad, load_tokenizer
+    import logprobs as model_lib
+    from builtin import builtin_model_dir
+    from model import load_tokenizer
+    from sampler import left_pad
 
     set_threads(args)
     set_stop(args)
     path = builtin_model_dir()
     cfg = our_config(args)
     B, G = args.prompts, args.group_size
-    model, _ = common.load_models(cfg, path, path, torch.device("cpu"))
+    model, _ = distributed.load_models(cfg, path, path, torch.device("cpu"), "float32")
     tokenizer = load_tokenizer(path)
     records, prompt_ids, _ = step_records(args, tokenizer)
     # the inputs: completions from our sampler for the first step's prompts
-    batch = grpo.sample_and_score(model, tokenizer, records[:B], cfg, seed=0)
-    R, M = batch["comp_ids"].shape
-    mask = batch["comp_mask"]  # (R, M) float
-    adv = grpo.group_advantages(batch["rewards"], G, "group")  # (R,)
+    batch = grpo.sample_rollout(model, tokenizer, records[:B], cfg, grpo.stage_reward_fn(1), seed=0)
+    R, M = batch.comp_ids.shape
+    mask = batch.comp_mask  # (R, M) float
+    adv = grpo.group_advantages(batch.rewards, G, "group")  # (R,)
     adv_source = "group advantages of the sampled rewards"
     if not adv.abs().sum() > 0:  # every group had equal rewards: A = 0 makes every loss 0, a useless check
         adv = torch.randn(R, generator=torch.Generator().manual_seed(1))
         adv_source = "seeded N(0,1) (all sampled groups had equal rewards)"
     rows_prompt = torch.arange(B).repeat_interleave(G)
-    prompts = batch["prompts"]
+    prompts = batch.prompts
     with torch.no_grad():
         logp0 = model_lib.completion_logprobs(
-            model, prompts, batch["comp_ids"], mask, rows_prompt, cfg.temperature
+            model, prompts, batch.comp_ids, mask, rows_prompt, cfg.temperature
         )
     # old and reference log-probs: the policy's, moved by seeded noise so that ratios leave the clip range and KL > 0
     g = torch.Generator().manual_seed(2)
@@ -508,7 +513,7 @@ def worker_parity(args):
     inputs = {
         "prompt_ids": p_ids[rows_prompt],
         "prompt_mask": p_mask[rows_prompt].long(),
-        "completion_ids": batch["comp_ids"][:, :Mx],
+        "completion_ids": batch.comp_ids[:, :Mx],
         "completion_mask": mask[:, :Mx].long(),
         "advantages": adv,
         "num_items_in_batch": mask.sum(),
@@ -538,7 +543,7 @@ def worker_parity(args):
         for agg, loss_type in AGG_TO_TRL.items():
             model.zero_grad(set_to_none=True)
             logp = model_lib.completion_logprobs(
-                model, prompts, batch["comp_ids"], mask, rows_prompt, cfg.temperature
+                model, prompts, batch.comp_ids, mask, rows_prompt, cfg.temperature
             )
             ours, m = grpo.grpo_loss(
                 logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=args.beta, kl="k3", agg=agg

@@ -187,31 +187,16 @@ def logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False):
 # ----------------------------------------------------------------------------------------------------------------
 # fused_linear_logprobs: the logits are never materialized as one (N, V) tensor.
 #
-# Recompute, not gradient-in-forward: the output is a per-row log-prob whose upstream gradient g_i is only known in
-# backward, and d/dW = sum_i g_i (onehot_i - p_i)^T h_i / T mixes rows with those unknown weights, so it cannot be
-# precomputed without keeping (N, V) numbers. (Liger can compute gradients in forward because its fused op ends in
-# a scalar loss.) So forward saves lse (N,), and backward needs p again: three (N, H, V) matmuls are the floor
-# (logits, P W, P^T (g h)), as for the naive path, plus one more for every logit that has to be recomputed.
-#
-# On CPU time is all matmuls (a matmul over the vocabulary costs far more than an elementwise pass over a block),
-# so the lever is how much to recompute. The work is split along the vocabulary, not the rows: block b holds the
-# logits of all n rows for columns [a, b). Backward then writes grad_W[a:b] = P_b^T (g h) once per block (no (V, H)
-# accumulation), and a block kept from forward can be freed as soon as its grad_W rows are written. Allocations
-# this large (>= 32 MiB, glibc's largest mmap threshold) are mmap-backed by glibc: grad_W's pages become resident
-# only as they are written and a freed block goes back to the OS at once, so while kept blocks are freed and grad_W
-# fills in, resident memory stays near max(kept, grad_W) instead of their sum (a caching allocator, as on a GPU,
-# would hold the sum; the Triton path keeps row chunks instead). This lets forward keep most of the logits
-# (KEEP_FRACTION, at most KEEP_BYTES) under the 0.25-of-naive peak budget and recompute only the rest.
-# A kept block does not hold z but e = exp(z - m_b), the numbers forward computes anyway for the block's logsumexp
-# (m_b (n,) the row max within the block, saved for every block). Backward needs p = exp(z - lse) = e * c with
-# c = exp(m_b - lse), one scalar per row, and folds c into the (n, H) operands instead of scaling the (n, w) block:
+# Recompute, not gradient-in-forward: the upstream gradient g_i of each row's log-prob is only known in backward,
+# so forward saves lse (N,) and backward needs p again (Liger can do it in forward: its fused op ends in a loss).
+# The work is split along the vocabulary: block b holds the logits of all n rows for columns [a, b), so backward
+# writes grad_W[a:b] = P_b^T (g h) once per block and frees the block right after. Forward keeps most blocks
+# (KEEP_FRACTION, at most KEEP_BYTES) and backward recomputes the rest; why this stays under the peak budget on a
+# CPU (glibc maps blocks this large, so a freed block leaves at once) is in bench/README-kernels.md.
+# A kept block holds e = exp(z - m_b), not z (m_b (n,) the row max within the block): with c = exp(m_b - lse),
 #   P_b W_b = diag(c) (E_b W_b),   P_b^T (g h) = E_b^T (c g h)
-# so a kept block costs backward its two matmuls and no pass over the block (before: a subtract and an exp). A
-# recomputed block gets e from the same matmul and the same subtract and exp, so it holds the same bits as a kept
-# one: a retain_graph second backward (which recomputes all) agrees with the first exactly, and forward does the
-# same arithmetic whether or not it keeps, so log-probs under no_grad (old / reference log-probs) equal those
-# computed with grad bit for bit.
-#
+# so a kept block costs backward its two matmuls and no pass over the block. A recomputed block gets the same
+# bits, so log-probs under no_grad equal those computed with grad bit for bit.
 # Only rows with a real label are computed: ignored rows (prompt, padding) are dropped before the matmuls.
 
 KEEP_FRACTION = 0.8  # share of the logits forward may keep for backward ...
@@ -221,8 +206,7 @@ BLOCK_BYTES = 32 * 2**20  # one vocabulary block of logits: the recompute buffer
 
 def vocab_block_cols(n_rows, vocab, elem_size, chunk_size=None):
     """Columns per vocabulary block (a block holds every row). Default: at least BLOCK_BYTES of logits, rounded up to
-    a multiple of 128 columns, so that blocks stay above glibc's largest mmap threshold (32 MiB; see the comment
-    above). chunk_size: the memory of chunk_size full rows, i.e. chunk_size * V logits per block,
+    a multiple of 128 columns, so that blocks stay above glibc's largest mmap threshold (32 MiB). chunk_size: the memory of chunk_size full rows, i.e. chunk_size * V logits per block,
     so the argument bounds the same working memory as in the row-chunked Triton path (tests use tiny values to get
     many blocks). fp32, BLOCK_BYTES: N=2048 -> 4096 columns; N=4096 -> 2048 columns."""
     n = max(n_rows, 1)

@@ -1,6 +1,8 @@
 """The sampler's stop strings, matched on token ids on the device, so its loop decodes nothing and copies nothing
 to the host for them. Tested against decoding each row's tokens and searching the text (tests/test_model.py)."""
 
+import weakref
+
 import torch
 
 
@@ -12,19 +14,18 @@ class StopStrings:
     and j are looked up in tables built once per tokenizer from each token id decoded alone, so the rows stop where
     decoding them would stop as long as token texts concatenate (byte-level BPE: Llama 3, Qwen, SmolLM)."""
 
-    _tables = {}  # (id(tokenizer), stop strings, vocabulary, device) -> (tokenizer, tables): built once
+    # tokenizer -> {(stop strings, vocabulary, device): tables}: built once per tokenizer, and dropped with it
+    _tables = weakref.WeakKeyDictionary()
 
     def __init__(self, tokenizer, stop_strings, vocab_size, rows, device):
-        key = (id(tokenizer), tuple(stop_strings), vocab_size, str(device))
-        if key not in StopStrings._tables:  # the tokenizer is kept in the value, so its id cannot be reused
+        key = (tuple(stop_strings), vocab_size, str(device))
+        built = StopStrings._tables.setdefault(tokenizer, {})
+        if key not in built:
             ids = [[v] for v in range(vocab_size)]
             texts = (tokenizer.batch_decode(ids, skip_special_tokens=False) if hasattr(tokenizer, "batch_decode")
                      else [tokenizer.decode(i, skip_special_tokens=False) for i in ids])  # fmt: skip
-            StopStrings._tables[key] = (
-                tokenizer,
-                [stop_string_tables(texts, s, device) for s in stop_strings],
-            )
-        self.tables = StopStrings._tables[key][1]
+            built[key] = [stop_string_tables(texts, s, device) for s in stop_strings]
+        self.tables = built[key]
         self.state = [torch.zeros(rows, len(s), dtype=torch.bool, device=device) for s in stop_strings]
 
     def step(self, tok):

@@ -17,9 +17,10 @@ def tiny_dir(tmp_path_factory):
     from test_grpo import tiny_model
 
     try:
+        from builtin import resolve_model_path
         from model import load_tokenizer
 
-        tok = load_tokenizer("builtin")
+        tok = load_tokenizer(resolve_model_path("builtin"))
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
     model = tiny_model(vocab=len(tok), seed=5)

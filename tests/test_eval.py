@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import builtin  # noqa: E402
 import eval as E  # noqa: E402
 import text as T  # noqa: E402
 from data import Record  # noqa: E402
@@ -571,7 +572,7 @@ def test_cli_generates_with_a_tiny_random_model(tmp_path):
     from data import build_prompt, load_data
 
     try:
-        tokenizer = M.load_tokenizer(M.resolve_model_path("builtin"))
+        tokenizer = M.load_tokenizer(builtin.resolve_model_path("builtin"))
     except M.ModelError as e:
         pytest.skip(f"built-in tokenizer unavailable: {e}")
     torch.manual_seed(0)

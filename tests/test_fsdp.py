@@ -16,9 +16,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from test_grpo import PROMPTS, read_metrics, run_args, tiny_model, toy_reward  # noqa: E402
 
-import common  # noqa: E402
+import builtin  # noqa: E402
+import checkpoint  # noqa: E402
+import distributed  # noqa: E402
 import grpo  # noqa: E402
-from model import KVCache, Transformer, generate  # noqa: E402
+import memory  # noqa: E402
+from model import ModelError, Transformer  # noqa: E402
+from sampler import KVCache, generate  # noqa: E402
 
 
 def mean_abs_change(start, end):
@@ -30,13 +34,13 @@ def mean_abs_change(start, end):
 
 
 def test_bf16_master_weights_move_like_fp32_and_are_saved(tiny_dir, tmp_path, monkeypatch):
-    import rewards
-
-    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     start = load_file(str(tiny_dir / "model.safetensors"))
     moved = {}
     for dtype in ("float32", "bfloat16"):
-        grpo.main(run_args(tiny_dir, tmp_path / dtype, "--steps", "3", "--dtype", dtype, "--lr", "1e-5"))
+        grpo.main(
+            run_args(tiny_dir, tmp_path / dtype, "--steps", "3", "--dtype", dtype, "--lr", "1e-5"),
+            reward_fn=toy_reward,
+        )
         saved = load_file(str(tmp_path / dtype / "checkpoint" / "model.safetensors"))
         assert all(t.dtype == torch.float32 for t in saved.values()), dtype  # the masters, not their rounding
         moved[dtype] = mean_abs_change(start, saved)
@@ -51,13 +55,10 @@ def test_bf16_master_weights_move_like_fp32_and_are_saved(tiny_dir, tmp_path, mo
 
 
 def test_bf16_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
-    import rewards
-
-    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     args = ("--steps", "3", "--dtype", "bfloat16", "--lr", "1e-4")
-    grpo.main(run_args(tiny_dir, tmp_path / "full", *args))
-    grpo.main(run_args(tiny_dir, tmp_path / "cut", *args, "--stop-after", "1"))
-    grpo.main(run_args(tiny_dir, tmp_path / "cut", *args, "--resume"))
+    grpo.main(run_args(tiny_dir, tmp_path / "full", *args), reward_fn=toy_reward)
+    grpo.main(run_args(tiny_dir, tmp_path / "cut", *args, "--stop-after", "1"), reward_fn=toy_reward)
+    grpo.main(run_args(tiny_dir, tmp_path / "cut", *args, "--resume"), reward_fn=toy_reward)
     assert read_metrics(tmp_path / "cut" / "metrics.jsonl") == read_metrics(
         tmp_path / "full" / "metrics.jsonl"
     )
@@ -68,7 +69,7 @@ def test_bf16_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
 
 def test_bf16_lora_keeps_the_base_in_bf16_and_fp32_adapter_masters(tiny_dir):
     cfg = grpo.Config(dtype="bfloat16", lora_rank=4)
-    policy, _ = common.load_models(cfg, str(tiny_dir), str(tiny_dir), torch.device("cpu"))
+    policy, _ = distributed.load_models(cfg, str(tiny_dir), str(tiny_dir), torch.device("cpu"), cfg.dtype)
     assert policy.model.layers[0].self_attn.q_proj.base.weight.dtype == torch.bfloat16
     assert policy.masters and all(
         "lora_" in n and m.dtype == torch.float32 for n, m in policy.masters.items()
@@ -81,11 +82,22 @@ def test_bf16_lora_keeps_the_base_in_bf16_and_fp32_adapter_masters(tiny_dir):
 
 def test_rows_sampled_by_their_place_in_the_global_batch():
     model = tiny_model(seed=3)
-    both, _, _ = generate(model, PROMPTS[:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5)
-    second, _, _ = generate(
-        model, PROMPTS[1:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5, first_row=3
+    both, _, _ = generate(
+        model, PROMPTS[:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5, eos_token_ids=(2,)
     )
-    first, _, _ = generate(model, PROMPTS[1:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5)
+    second, _, _ = generate(
+        model,
+        PROMPTS[1:2],
+        group_size=3,
+        max_new_tokens=8,
+        temperature=1.0,
+        seed=5,
+        first_row=3,
+        eos_token_ids=(2,),
+    )
+    first, _, _ = generate(
+        model, PROMPTS[1:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=5, eos_token_ids=(2,)
+    )
     assert torch.equal(second, both[3:])
     assert not torch.equal(first, both[3:])  # without the offset: other draws
 
@@ -96,19 +108,18 @@ def test_rows_sampled_by_their_place_in_the_global_batch():
 WORKER = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    import grpo, rewards
+    import grpo
     from test_grpo import toy_reward
-    rewards.stage_reward = toy_reward
-    real = grpo.sample_and_score
+    real = grpo.sample_rollout
 
     def recording(*args, **kw):   # this rank's samples and rewards of every step, for the comparison
         batch = real(*args, **kw)
         with open(os.path.join(sys.argv[1], "samples-rank" + os.environ.get("RANK", "0") + ".jsonl"), "a") as f:
-            f.write(json.dumps(dict(ids=batch["comp_ids"].tolist(), rewards=batch["rewards"].tolist())) + "\\n")
+            f.write(json.dumps(dict(ids=batch.comp_ids.tolist(), rewards=batch.rewards.tolist())) + "\\n")
         return batch
 
-    grpo.sample_and_score = recording
-    grpo.cli(sys.argv[2:])
+    grpo.sample_rollout = recording
+    grpo.main(sys.argv[2:], reward_fn=toy_reward)
 """)
 
 
@@ -229,7 +240,7 @@ def test_fsdp_lora_bf16_runs_and_saves_merged_weights(tiny_dir, tmp_path):
             "0.05",
         ),
     )
-    state = common.load_trainer_state(out / "checkpoint")
+    state = checkpoint.load_trainer_state(out / "checkpoint")
     assert state["lora"] and all(t.dtype == torch.float32 for t in state["lora"].values())
     merged = Transformer.from_pretrained(out / "checkpoint")  # HF names: the adapters merged in
     assert merged.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
@@ -240,7 +251,8 @@ def test_fsdp_lora_bf16_runs_and_saves_merged_weights(tiny_dir, tmp_path):
 
 
 def builtin_config():
-    from model import read_json, resolve_model_path
+    from builtin import resolve_model_path
+    from model import read_json
 
     try:
         return read_json(Path(resolve_model_path("builtin")) / "config.json")
@@ -255,8 +267,8 @@ def tensor_bytes(ts):
 def test_plan_terms_equal_the_tensors_of_the_built_in_model():
     hf = builtin_config()
     cfg = grpo.Config(dtype="float32", batch_prompts=2, group_size=4, max_new_tokens=32)
-    plan = common.memory_plan(hf, cfg, world=1)
-    model = Transformer.from_pretrained("builtin")
+    plan = memory.memory_plan(hf, cfg, world=1)
+    model = Transformer.from_pretrained(builtin.resolve_model_path("builtin"))
     opt = grpo.make_optimizer(list(model.parameters()), cfg)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -269,7 +281,7 @@ def test_plan_terms_equal_the_tensors_of_the_built_in_model():
     cache = KVCache(model.config, 8, cfg.max_prompt_tokens + 32, torch.float32, "cpu")
     assert plan["kv_cache"] == pytest.approx(tensor_bytes(cache.k + cache.v), rel=1e-9)
     # FSDP over 4: a quarter of the weights, gradients and moments each, plus the whole model gathered to sample
-    four = common.memory_plan(hf, cfg, world=4)
+    four = memory.memory_plan(hf, cfg, world=4)
     assert (
         four["optimizer"] == pytest.approx(plan["optimizer"] / 4)
         and four["sampling_gathered"] == plan["weights"]
@@ -280,8 +292,8 @@ def test_plan_bf16_and_lora_terms_equal_the_tensors(tiny_dir):
     hf = json.loads((tiny_dir / "config.json").read_text())
     for lora in (0, 4):
         cfg = grpo.Config(dtype="bfloat16", lora_rank=lora)
-        plan = common.memory_plan(hf, cfg, world=1)
-        policy, _ = common.load_models(cfg, str(tiny_dir), str(tiny_dir), torch.device("cpu"))
+        plan = memory.memory_plan(hf, cfg, world=1)
+        policy, _ = distributed.load_models(cfg, str(tiny_dir), str(tiny_dir), torch.device("cpu"), cfg.dtype)
         assert plan["weights"] == pytest.approx(tensor_bytes(policy.parameters()), rel=1e-9), lora
         assert plan["masters"] == pytest.approx(tensor_bytes(policy.masters.values()), rel=1e-9), lora
 
@@ -332,7 +344,7 @@ def test_plan_peak_against_the_measured_peak_of_a_run(tmp_path, world):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [int(part.split()[0]) * 1024 for part in proc.stdout.split("MAXRSS")[1:]]  # Linux reports KiB
     assert len(ranks) == world
-    plan = common.memory_plan(hf, grpo.parse_args(flags + ["--dtype", "float32"]), world=world)
+    plan = memory.memory_plan(hf, grpo.parse_args(flags + ["--dtype", "float32"]), world=world)
     # the plan's activation and runtime terms are rough, and it budgets --max-prompt-tokens for every prompt:
     # within 30% of the measured peak either way (docs/EXPERIMENTS.md has the measured figures)
     assert 0.7 < plan["peak"] / max(ranks) < 1.3, (plan["peak"], ranks)
@@ -352,12 +364,12 @@ def test_a_plan_that_cannot_fit_stops_before_loading(tmp_path, capsys):
     )
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "config.json").write_text(json.dumps(big))
-    plan = common.memory_plan(big, grpo.Config(dtype="float32"), world=1)
+    plan = memory.memory_plan(big, grpo.Config(dtype="float32"), world=1)
     assert plan["parameters"] == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B's published count
-    with pytest.raises(common.ModelError, match="memory plan"):
-        common.check_fit(plan, "cpu", available=80e9)  # 16 B / parameter > 80 GB
-    common.check_fit(
-        common.memory_plan(big, grpo.Config(dtype="bfloat16", lora_rank=16), world=1), "cpu", available=80e9
+    with pytest.raises(ModelError, match="memory plan"):
+        memory.check_fit(plan, "cpu", available=80e9)  # 16 B / parameter > 80 GB
+    memory.check_fit(
+        memory.memory_plan(big, grpo.Config(dtype="bfloat16", lora_rank=16), world=1), "cpu", available=80e9
     )  # LoRA in bf16 fits
     with pytest.raises(SystemExit) as e:
         grpo.cli(

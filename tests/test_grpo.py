@@ -1,5 +1,6 @@
 """The GRPO trainer on tiny random models: log-probs, one update, mu > 1, a toy task, resume, two processes."""
 
+import copy
 import json
 import math
 import os
@@ -16,10 +17,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import checkpoint  # noqa: E402
+import distributed  # noqa: E402
 import grpo  # noqa: E402
+import logprobs  # noqa: E402
+import memory  # noqa: E402
+import metrics  # noqa: E402
 import model as M  # noqa: E402
-from model import ModelConfig, Transformer, generate  # noqa: E402
+import sampler  # noqa: E402
+from builtin import resolve_model_path  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from sampler import generate  # noqa: E402
 
 TIME_KEYS = {"tokens_per_s", "sample_time", "train_time", "step_time"}
 
@@ -44,12 +52,42 @@ def tiny_model(vocab=64, seed=0, layers=2):
     return model
 
 
+def toy_rollout(prompts, comp_ids, comp_mask):
+    """A grpo.Rollout of given tokens, for the update alone: no records, texts or rewards."""
+    R = comp_ids.shape[0]
+    return grpo.Rollout(
+        records=[None] * len(prompts),
+        prompts=prompts,
+        prefills=[""] * len(prompts),
+        comp_ids=comp_ids,
+        comp_mask=comp_mask,
+        sampler_logp=None,
+        texts=[""] * R,
+        rewards=torch.zeros(R, dtype=torch.float64),
+        components=[{}] * R,
+        truncated=torch.zeros(R, dtype=torch.bool),
+    )
+
+
 def toy_batch(model, prompts, G, M, temperature, seed=0):
     ids, mask, sampling_logp = generate(
         model, prompts, group_size=G, max_new_tokens=M, temperature=temperature, eos_token_ids=(2,), seed=seed
     )
-    # generate runs under inference_mode: clone into ordinary tensors, as grpo.sample_and_score does
-    return {"prompts": prompts, "comp_ids": ids.clone(), "comp_mask": mask.clone()}, sampling_logp.clone()
+    # generate runs under inference_mode: copies are ordinary tensors, as in grpo.sample_rollout
+    return toy_rollout(prompts, ids.clone(), mask.clone()), sampling_logp.clone()
+
+
+def full_sequence_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temperature):
+    """The plain reference of logprobs.completion_logprobs: the R full (prompt + completion) sequences, left-padded,
+    G times the prompt compute; log-softmax of the full logits in float32 (float64 for a float64 model)."""
+    p_ids, p_mask = sampler.left_pad(prompts, 0, "cpu")  # (P, L)
+    L = p_ids.shape[1]
+    attn = torch.cat([p_mask[rows_prompt], comp_mask.to(p_mask.dtype)], 1)  # (R, L + M)
+    ids = torch.cat([p_ids[rows_prompt], comp_ids], 1)[:, :-1]  # (R, L + M - 1)
+    logits = model(ids, attention_mask=attn[:, :-1])[:, L - 1 :]  # (R, M, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # float32 at least
+    logp = torch.log_softmax(logits, -1).gather(-1, comp_ids[..., None])[..., 0]  # (R, M)
+    return logp * comp_mask
 
 
 def cfg_for(**kw):
@@ -68,34 +106,29 @@ def test_completion_logprobs_match_sampler_and_full_sequence():
     rows = list(range(9))
     rows_prompt = torch.tensor([r // 3 for r in rows])
     outs, grads = [], []
-    for share in (True, False):
-        model.zero_grad()
-        logp, ent = M.completion_logprobs(
-            model,
-            PROMPTS,
-            batch["comp_ids"],
-            batch["comp_mask"],
-            rows_prompt,
-            0.7,
-            share_prompt=share,
-            return_entropy=True,
-        )
-        (logp * batch["comp_mask"]).sum().backward()
+    # the packed path in float32 against the plain full-sequence path on a float64 copy of the model
+    for scorer, m in (
+        (logprobs.completion_logprobs, model),
+        (full_sequence_logprobs, copy.deepcopy(model).double()),
+    ):
+        logp = scorer(m, PROMPTS, batch.comp_ids, batch.comp_mask, rows_prompt, 0.7)
+        (logp * batch.comp_mask).sum().backward()
         outs.append(logp.detach())
-        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    mask = batch["comp_mask"].bool()
-    # float32 forward passes over the same numbers in a different order (packed vs full sequences): 1e-5
-    assert torch.allclose(outs[0][mask], outs[1][mask], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    mask = batch.comp_mask.bool()
+    # float32 rounding of sums over the hidden size and the vocabulary: 1e-5 absolute on log-probs of order 1-5,
+    # and 1e-5 of the largest gradient entry (measured 2.6e-6); the embedding rows sum many positions' terms
+    assert torch.allclose(outs[0][mask].double(), outs[1][mask], atol=1e-5)
+    assert (grads[0].double() - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
     # the sampler's log-probs came from softmax(logits / T) one token at a time: the recomputation must agree,
     # otherwise the ratio would not be 1 at the first step (the classic "forgot the temperature" bug)
     assert torch.allclose(outs[0][mask], sampling_logp[mask], atol=1e-4)
     assert (outs[0][~mask] == 0).all()
     # extra padding columns (masked) are cut before the forward pass and come back as zeros
-    wide_ids = torch.nn.functional.pad(batch["comp_ids"], (0, 5), value=2)
-    wide_mask = torch.nn.functional.pad(batch["comp_mask"], (0, 5))
+    wide_ids = torch.nn.functional.pad(batch.comp_ids, (0, 5), value=2)
+    wide_mask = torch.nn.functional.pad(batch.comp_mask, (0, 5))
     with torch.no_grad():
-        wide = M.completion_logprobs(model, PROMPTS, wide_ids, wide_mask, rows_prompt, 0.7)
+        wide = logprobs.completion_logprobs(model, PROMPTS, wide_ids, wide_mask, rows_prompt, 0.7)
     assert wide.shape == (9, 15) and (wide[:, 10:] == 0).all()
     assert torch.allclose(wide[:, :10], outs[0], atol=1e-6)
 
@@ -104,7 +137,9 @@ def test_pack_groups_hand_example():
     """Two prompts, three rows (lengths 3, 2, 2; rows 0 and 2 share prompt 0), packed by hand."""
     prompts = [[11, 12, 13], [21, 22]]
     comp = torch.tensor([[31, 32, 2, 0], [41, 2, 0, 0], [51, 2, 0, 0]])
-    ids, pos, mask, index = M.pack_groups(prompts, comp, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 0]))
+    ids, pos, mask, index = logprobs.pack_groups(
+        prompts, comp, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 0])
+    )
     # the last token of each row is never an input; pack 1 is padded to the length of pack 0
     assert ids.tolist() == [[11, 12, 13, 31, 32, 51], [21, 22, 41, 0, 0, 0]]
     assert pos.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 0, 0, 0]]
@@ -138,8 +173,8 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         model.gradient_checkpointing = ckpt
         model.train()
         model.zero_grad()
-        lp = M.completion_logprobs(model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0)
-        (lp * batch["comp_mask"]).sum().backward()
+        lp = logprobs.completion_logprobs(model, PROMPTS, batch.comp_ids, batch.comp_mask, rows_prompt, 1.0)
+        (lp * batch.comp_mask).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)  # recomputation repeats the same float32 ops
 
@@ -179,7 +214,7 @@ def test_release_freed_memory_returns_held_heap_to_the_os():
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        import torch, common
+        import torch, memory
         def rss():
             return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
         t = torch.ones(4 * 2**20); del t        # a freed 16 MiB mmap raises glibc's mmap threshold to 16 MiB
@@ -188,7 +223,7 @@ def test_release_freed_memory_returns_held_heap_to_the_os():
         live = blocks[1::2]
         del blocks                                                 # frees the other 400
         held = rss() - base - 400
-        common.release_freed_memory()
+        memory.release_freed_memory()
         print(held, rss() - base - 400)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -201,11 +236,11 @@ def test_release_freed_memory_without_glibc_is_a_no_op(monkeypatch):
     def no_libc(name):
         raise OSError(f"{name}: not found")
 
-    monkeypatch.setattr(common, "_libc", None)
-    monkeypatch.setattr(common.ctypes, "CDLL", no_libc)
-    common.release_freed_memory()  # no error
-    common.keep_large_blocks_mapped()
-    assert common._libc is False
+    monkeypatch.setattr(memory, "_libc", None)
+    monkeypatch.setattr(memory.ctypes, "CDLL", no_libc)
+    memory.release_freed_memory()  # no error
+    memory.keep_large_blocks_mapped()
+    assert memory._libc is False
 
 
 def test_non_finite_loss_skips_the_step():
@@ -229,10 +264,10 @@ def test_one_step_raises_positive_and_lowers_negative_completion():
 
     def seq_logp():
         with torch.no_grad():
-            lp = M.completion_logprobs(
-                model, batch["prompts"], batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+            lp = logprobs.completion_logprobs(
+                model, batch.prompts, batch.comp_ids, batch.comp_mask, rows_prompt, 1.0
             )
-        return (lp * batch["comp_mask"]).sum(1)  # (2,)
+        return (lp * batch.comp_mask).sum(1)  # (2,)
 
     before = seq_logp()
     cfg = cfg_for(group_size=2, lr=1e-3, micro_batch=2)
@@ -265,8 +300,8 @@ def test_lora_reference_is_base_and_only_adapters_train():
     batch, _ = toy_batch(model, PROMPTS, G=2, M=6, temperature=1.0, seed=1)
     rows_prompt = torch.tensor([r // 2 for r in range(6)])
     with torch.no_grad():
-        base_lp = M.completion_logprobs(
-            model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+        base_lp = logprobs.completion_logprobs(
+            model, PROMPTS, batch.comp_ids, batch.comp_mask, rows_prompt, 1.0
         )
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     M.add_lora(model, rank=4, alpha=8)
@@ -279,13 +314,12 @@ def test_lora_reference_is_base_and_only_adapters_train():
         hist = grpo.policy_update(model, None, opt, batch, adv, list(range(6)), cfg, 0, 3)
     assert hist[0]["kl"] > 0  # the policy moved away from the adapters-off reference
     with torch.no_grad(), M.adapters_off(model):
-        ref_lp = M.completion_logprobs(
-            model, PROMPTS, batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+        ref_lp = logprobs.completion_logprobs(
+            model, PROMPTS, batch.comp_ids, batch.comp_mask, rows_prompt, 1.0
         )
     assert torch.allclose(ref_lp, base_lp, atol=1e-6)  # adapters off == the untouched base weights
     # the merged layers hold W + scale * B A under the Hugging Face names
-    with M.lora_merged(model):
-        merged = model.state_dict()
+    merged = M.merge_lora(model, model.state_dict())
     assert set(merged) == set(base_state)
     assert not torch.equal(
         merged["model.layers.0.self_attn.q_proj.weight"], base_state["model.layers.0.self_attn.q_proj.weight"]
@@ -301,8 +335,8 @@ def test_toy_task_reward_rises():
     means = []
     for step in range(30):
         batch, _ = toy_batch(model, PROMPTS, G=8, M=8, temperature=1.0, seed=step)
-        m = batch["comp_mask"]
-        reward = ((batch["comp_ids"] < 16).float() * m).sum(1) / m.sum(1)  # (24,)
+        m = batch.comp_mask
+        reward = ((batch.comp_ids < 16).float() * m).sum(1) / m.sum(1)  # (24,)
         means.append(reward.mean().item())
         adv = grpo.group_advantages(reward, 8)
         grpo.policy_update(model, None, opt, batch, adv, list(range(24)), cfg, step, 30)
@@ -314,9 +348,9 @@ def test_toy_task_reward_rises():
 # main(): the whole loop on a tiny random model with the built-in tokenizer and the built-in data
 
 
-def toy_reward(completion, record, stage):
-    """Replaces rewards.stage_reward so a random model gets a signal: the share of ASCII letters among the
-    characters (random tokens of a 49k vocabulary give anything from 0 to 1)."""
+def toy_reward(completion, record):
+    """A reward_fn that gives a random model a signal: the share of ASCII letters among the characters (random
+    tokens of a 49k vocabulary give anything from 0 to 1)."""
     letters = sum(c.isascii() and c.isalpha() for c in completion)
     return letters / max(1, len(completion)), {"letters": float(letters), "format": 0.0}
 
@@ -356,24 +390,28 @@ def read_metrics(path):
 
 
 def test_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
-    import rewards
-
-    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
-    grpo.main(run_args(tiny_dir, tmp_path / "full", "--steps", "4", "--mu", "2", "--beta", "0.05"))
+    grpo.main(
+        run_args(tiny_dir, tmp_path / "full", "--steps", "4", "--mu", "2", "--beta", "0.05"),
+        reward_fn=toy_reward,
+    )
     grpo.main(
         run_args(
             tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05", "--stop-after", "2"
-        )
+        ),
+        reward_fn=toy_reward,
     )
     assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 2
-    grpo.main(run_args(tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05", "--resume"))
+    grpo.main(
+        run_args(tiny_dir, tmp_path / "cut", "--steps", "4", "--mu", "2", "--beta", "0.05", "--resume"),
+        reward_fn=toy_reward,
+    )
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert len(full) == 4 and resumed == full  # CPU, same seeds: bit-identical metrics
     assert full[-1]["grad_norm"] > 0  # the run really trained
     # the checkpoint is a Hugging Face directory our loader (and transformers) can read, state loads weights_only
     assert (tmp_path / "cut" / "checkpoint" / "model.safetensors").is_file()
-    state = common.load_trainer_state(tmp_path / "cut" / "checkpoint")
+    state = checkpoint.load_trainer_state(tmp_path / "cut" / "checkpoint")
     assert state["step"] == 4 and state["opt_step"] == 8
     m1 = Transformer.from_pretrained(tmp_path / "full" / "checkpoint")
     m2 = Transformer.from_pretrained(tmp_path / "cut" / "checkpoint")
@@ -384,10 +422,10 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
 WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    import common, grpo, rewards
+    import distributed, grpo
     sys.path.insert(0, {tests!r})
-    from test_grpo import tiny_model, toy_batch, cfg_for, PROMPTS, toy_reward
-    rank, world, _ = common.setup_distributed()
+    from test_grpo import tiny_model, toy_batch, toy_rollout, cfg_for, PROMPTS, toy_reward
+    rank, world, _ = distributed.setup_distributed()
     # 1. the same fixed batch, split by groups over the ranks: loss and update equal the single process's.
     #    SGD, so the update is lr * gradient (Adam's first step, lr * sign(g), would magnify float noise).
     results = {{}}
@@ -398,18 +436,18 @@ WORKER = textwrap.dedent("""
         cfg = cfg_for(micro_batch=3, beta=0.0, loss_agg=agg, lr=0.1)
         if world > 1:
             sl = slice(rank * 4, rank * 4 + 4)
-            batch = {{"prompts": [PROMPTS[rank]], "comp_ids": batch["comp_ids"][sl],
-                      "comp_mask": batch["comp_mask"][sl]}}
+            batch = toy_rollout([PROMPTS[rank]], batch.comp_ids[sl], batch.comp_mask[sl])
             adv = adv[sl]
+            distributed.shard(model, torch.float32)  # as grpo.main does under torchrun: FSDP2 sums the gradients
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         hist = grpo.policy_update(model, None, opt, batch, adv, list(range(len(adv))), cfg, 0, 1)
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in full])
         results[agg] = {{"loss": hist[0]["loss"], "grad_norm": hist[0]["grad_norm"], "params": flat.tolist()}}
     if rank == 0:
         json.dump(results, open({result!r}, "w"))
     # 2. the whole loop under torchrun completes
-    rewards.stage_reward = toy_reward
-    grpo.main(sys.argv[1:])
+    grpo.main(sys.argv[1:], reward_fn=toy_reward)
 """)
 
 
@@ -450,10 +488,7 @@ def test_sampler_mismatch_metrics_every_step_and_a_perturbation_shows(
 ):
     """Every step logs how far the sampler's log-probs are from the trainer's recomputation: float32 round-off on
     CPU (the same model, two code paths), and 0.3 when the sampler's log-probs are shifted by 0.3 on purpose."""
-    import rewards
-
-    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
-    grpo.main(run_args(tiny_dir, tmp_path / "exact", "--steps", "2"))
+    grpo.main(run_args(tiny_dir, tmp_path / "exact", "--steps", "2"), reward_fn=toy_reward)
     rows = read_metrics(tmp_path / "exact" / "metrics.jsonl")
     assert all(0 <= r["sampling/sampling_logp_difference/max"] < 1e-4 for r in rows)  # fp32 round-off only
     assert all(
@@ -469,7 +504,9 @@ def test_sampler_mismatch_metrics_every_step_and_a_perturbation_shows(
         return ids, mask, logp + 0.3 * mask
 
     monkeypatch.setattr(grpo, "generate", shifted)
-    grpo.main(run_args(tiny_dir, tmp_path / "shifted", "--steps", "1", "--tis-cap", "0.9"))
+    grpo.main(
+        run_args(tiny_dir, tmp_path / "shifted", "--steps", "1", "--tis-cap", "0.9"), reward_fn=toy_reward
+    )
     row = read_metrics(tmp_path / "shifted" / "metrics.jsonl")[0]
     assert row["sampling/sampling_logp_difference/mean"] == pytest.approx(0.3, abs=1e-4)
     # trainer / sampler = exp(-0.3) = 0.741 on every token, under the 0.9 cap
@@ -479,10 +516,8 @@ def test_sampler_mismatch_metrics_every_step_and_a_perturbation_shows(
 def test_mask_truncated_and_overlong_penalty(tiny_dir, tmp_path, monkeypatch):
     """--mask-truncated: only completions that ended (EOS or </answer>) enter the loss; --overlong-buffer: each
     completion's reward gains DAPO's penalty for its length, logged as the component 'overlong'."""
-    import rewards
     from model import load_tokenizer
 
-    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     real_generate = grpo.generate
 
     def some_end(*args, **kw):  # a random tiny model never samples EOS: make rows 0, 2, 4 end at token 3
@@ -491,7 +526,9 @@ def test_mask_truncated_and_overlong_penalty(tiny_dir, tmp_path, monkeypatch):
         return ids, mask, logp
 
     monkeypatch.setattr(grpo, "generate", some_end)
-    grpo.main(run_args(tiny_dir, tmp_path / "masked", "--steps", "2", "--mask-truncated"))
+    grpo.main(
+        run_args(tiny_dir, tmp_path / "masked", "--steps", "2", "--mask-truncated"), reward_fn=toy_reward
+    )
     for r in read_metrics(tmp_path / "masked" / "metrics.jsonl"):
         assert r["clipped_share"] == pytest.approx(0.5)  # rows 1, 3, 5 cut at 6 tokens
         assert r["kept_rows"] == 3 and r["skipped"] == 0  # of 2 prompts x 3 completions
@@ -501,14 +538,14 @@ def test_mask_truncated_and_overlong_penalty(tiny_dir, tmp_path, monkeypatch):
     import data
 
     records = data.synthetic_records("train", 2, seed=0)
-    batch = grpo.sample_and_score(model, tok, records, cfg, seed=3)
-    lengths = batch["comp_mask"].sum(1).long().tolist()
-    for r, (n, c) in enumerate(zip(lengths, batch["components"])):
+    batch = grpo.sample_rollout(model, tok, records, cfg, toy_reward, seed=3)
+    lengths = batch.comp_mask.sum(1).long().tolist()
+    for r, (n, c) in enumerate(zip(lengths, batch.components)):
         penalty = max(-1.0, min(0.0, (6 - 4 - n) / 4))  # budget 6, buffer 4, by hand
         assert c["overlong"] == pytest.approx(penalty)
-        base, _ = toy_reward(batch["prefills"][r // 4] + batch["texts"][r], records[r // 4], 1)
-        assert batch["rewards"][r].item() == pytest.approx(base + penalty, abs=1e-6)
-    assert any(c["overlong"] < 0 for c in batch["components"])  # the penalty acted
+        base, _ = toy_reward(batch.prefills[r // 4] + batch.texts[r], records[r // 4])
+        assert batch.rewards[r].item() == pytest.approx(base + penalty, abs=1e-6)
+    assert any(c["overlong"] < 0 for c in batch.components)  # the penalty acted
 
 
 def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
@@ -541,14 +578,15 @@ def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
         ]
     )  # policy_update sets the lr
     records = data.stage_records(data.synthetic_records("train", 20, seed=1), 0)[:3]
-    batch = grpo.gold_batch(tok, records, cfg, {records[0].id: "my own words</think><answer>no</answer>"})
-    assert batch["texts"][0] == "my own words</think><answer>no</answer>"  # the file's completion wins
-    assert batch["texts"][1] == data.gold_completion(records[1]) and not batch["truncated"].any()
+    gold = {records[0].id: "my own words</think><answer>no</answer>"}
+    batch = grpo.gold_rollout(tok, records, cfg, gold, grpo.stage_reward_fn(0))
+    assert batch.texts[0] == "my own words</think><answer>no</answer>"  # the file's completion wins
+    assert batch.texts[1] == data.gold_completion(records[1]) and not batch.truncated.any()
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     nll_sum, n_tok = 0.0, 0
     for r in range(3):
-        n = int(batch["comp_mask"][r].sum())
-        ids = torch.tensor([batch["prompts"][r] + batch["comp_ids"][r, :n].tolist()])
+        n = int(batch.comp_mask[r].sum())
+        ids = torch.tensor([batch.prompts[r] + batch.comp_ids[r, :n].tolist()])
         logp = torch.log_softmax(hf(ids).logits[0, -n - 1 : -1].float(), -1)  # positions predicting the gold
         nll_sum = nll_sum - logp.gather(1, ids[0, -n:, None]).sum()
         n_tok += n
@@ -576,10 +614,10 @@ def test_warm_up_is_the_nll_of_the_gold_completion(tiny_dir):
     def gold_logp():
         with torch.no_grad():
             return (
-                M.completion_logprobs(
-                    model, batch["prompts"], batch["comp_ids"], batch["comp_mask"], rows_prompt, 1.0
+                logprobs.completion_logprobs(
+                    model, batch.prompts, batch.comp_ids, batch.comp_mask, rows_prompt, 1.0
                 )
-                * batch["comp_mask"]
+                * batch.comp_mask
             ).sum(1)  # (3,)
 
     start = gold_logp()
@@ -602,15 +640,13 @@ def test_each_stage_starts_from_the_previous_stages_checkpoint(tmp_path):
     tiny_model().save_pretrained(tmp_path / "stage0" / "checkpoint")
     one = grpo.parse_args(["--stage", "1", "--out", str(tmp_path / "stage1")])
     two = grpo.parse_args(["--stage", "2", "--out", str(tmp_path / "stage2")])
-    assert common.resolve_init(one, log=lambda *a: None) == str(tmp_path / "stage0" / "checkpoint")
-    assert common.resolve_init(two, log=lambda *a: None) == "builtin"  # no stage-1 checkpoint yet
-    assert common.resolve_init(grpo.parse_args(["--stage", "0"]), log=lambda *a: None) == "builtin"
+    quiet = dict(resuming=False, log=lambda *a: None)
+    assert checkpoint.resolve_init(one, **quiet) == str(tmp_path / "stage0" / "checkpoint")
+    assert checkpoint.resolve_init(two, **quiet) == "builtin"  # no stage-1 checkpoint yet
+    assert checkpoint.resolve_init(grpo.parse_args(["--stage", "0"]), **quiet) == "builtin"
 
 
 def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, monkeypatch):
-    import rewards
-
-    monkeypatch.setattr(rewards, "stage_reward", toy_reward)
     out = tmp_path / "lora"
     hist = grpo.main(
         run_args(
@@ -638,7 +674,8 @@ def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, m
             "3",
             "--tis-cap",
             "2",
-        )
+        ),
+        reward_fn=toy_reward,
     )
     assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -654,7 +691,6 @@ def test_switches_run_and_checkpoint_loads_in_transformers(tiny_dir, tmp_path, m
 
 
 def test_batch_metrics_hand_example():
-    import eval as eval_
 
     # 2 groups of G = 2: group 0 answerable (rewards 3, 1), group 1 unanswerable (rewards 2, 2 -> zero std).
     rewards = torch.tensor([3.0, 1.0, 2.0, 2.0])
@@ -662,7 +698,7 @@ def test_batch_metrics_hand_example():
     lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
     truncated = torch.tensor([False, False, False, True])
     answerable = torch.tensor([True, True, False, False])
-    m = eval_.batch_metrics(lengths, rewards, components, truncated, answerable, G=2)
+    m = metrics.batch_metrics(lengths, rewards, components, truncated, answerable, G=2)
     assert m["reward_mean"] == pytest.approx(2.0)
     assert m["reward_std"] == pytest.approx(math.sqrt(2 / 3))  # unbiased: (1 + 1 + 0 + 0) / 3
     assert m["frac_reward_zero_std"] == pytest.approx(0.5)
@@ -671,7 +707,7 @@ def test_batch_metrics_hand_example():
     assert m["answer_right"] == pytest.approx(0.25)
     assert m["refused_answerable"] == pytest.approx(0.5)  # row 1 of rows 0, 1
     assert m["refused_unanswerable"] == pytest.approx(0.5)  # row 2 of rows 2, 3
-    only_answerable = eval_.batch_metrics(
+    only_answerable = metrics.batch_metrics(
         lengths, rewards, components, truncated, torch.ones(4, dtype=torch.bool), 2
     )
     assert "refused_unanswerable" not in only_answerable and only_answerable["refused_answerable"] == 0.5
@@ -703,7 +739,7 @@ def test_training_prompt_is_the_eval_prompt_in_every_stage():
     from model import ModelError, load_tokenizer
 
     try:
-        tok = load_tokenizer("builtin")
+        tok = load_tokenizer(resolve_model_path("builtin"))
     except ModelError as e:
         pytest.skip(f"built-in tokenizer unavailable ({e}); run `make setup`")
     r = data.synthetic_records("train", 1, seed=0)[0]
@@ -728,9 +764,11 @@ def test_ref_flag_sets_the_kl_reference(tmp_path):
     def first_weight(m):
         return m.model.embed_tokens.weight
 
-    policy, ref = common.load_models(cfg_for(beta=0.1), str(start), str(start), device)
+    policy, ref = distributed.load_models(cfg_for(beta=0.1), str(start), str(start), device, "float32")
     assert torch.equal(first_weight(ref), first_weight(policy))
-    policy, ref = common.load_models(cfg_for(beta=0.1, ref=str(other)), str(start), str(start), device)
+    policy, ref = distributed.load_models(
+        cfg_for(beta=0.1, ref=str(other)), str(start), str(start), device, "float32"
+    )
     assert torch.equal(first_weight(policy), first_weight(tiny_model(seed=11)))
     assert torch.equal(first_weight(ref), first_weight(tiny_model(seed=12)))
     assert not any(p.requires_grad for p in ref.parameters())
@@ -781,4 +819,4 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
         assert err[-1].startswith("grpo.py: error: ") and expected in err[-1], err
         assert not any("Traceback" in line for line in err)
         assert not (out / "metrics.jsonl").exists()  # stopped before the first step
-    assert common.find_checkpoint(done) == done / "checkpoint"  # the earlier run is still there
+    assert checkpoint.find_checkpoint(done) == done / "checkpoint"  # the earlier run is still there

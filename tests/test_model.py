@@ -6,13 +6,16 @@ round-off at the 1e-7 relative level per op, so 1e-4 of the logit scale leaves ~
 (wrong rope layout, missing bias, wrong norm) shows up at 1e-1 or more.
 """
 
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import builtin  # noqa: E402
 import model as M
+import sampler  # noqa: E402
 from kernels import block_autograd as lean
 
 transformers = pytest.importorskip("transformers")
@@ -178,7 +181,7 @@ def test_activations_kept_for_backward_per_token():
 
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, return_hidden=True)
+        model(ids, head=lambda hidden, w: hidden)  # the hidden states: no logits kept
     floats_per_token = sum(kept.values()) / 4 / ids.numel()
     assert floats_per_token <= bound, (floats_per_token, bound)
     assert floats_per_token > 0.9 * bound  # the count itself works (it sees the activations)
@@ -207,7 +210,7 @@ def test_left_padding_matches_unpadded(tiny_dirs):
         torch.randint(0, 97, (7,), generator=g).tolist(),
         torch.randint(0, 97, (15,), generator=g).tolist(),
     )
-    ids, mask = M.left_pad([short, long], 0, "cpu")
+    ids, mask = sampler.left_pad([short, long], 0, "cpu")
     with torch.no_grad():
         both = ours(ids, attention_mask=mask)
         alone = ours(torch.tensor([short]))
@@ -219,7 +222,7 @@ def test_left_padding_matches_unpadded(tiny_dirs):
 
 @pytest.fixture(scope="module")
 def smol():
-    path = M.builtin_model_dir()
+    path = builtin.builtin_model_dir()
     return path, M.Transformer.from_pretrained(path).eval(), M.load_tokenizer(path)
 
 
@@ -248,7 +251,7 @@ def test_builtin_conversion_matches_transformers_gguf_loader(smol):
         "accelerate", reason="transformers' GGUF loader needs accelerate (requirements-test.txt)"
     )
     _, ours, _ = smol
-    g = M.builtin_gguf_path()
+    g = builtin.builtin_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(g.parent), gguf_file=g.name, dtype=torch.float32
     )
@@ -272,7 +275,7 @@ def test_greedy_cache_equals_no_cache_equals_transformers(smol):
     path, ours, tok = smol
     prompts = chat_prompts(tok, ["What is the capital of France?", "Name three colors, please.", "2+2=?"])
     assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is left-padded
-    ids, mask, _ = M.generate(ours, prompts, max_new_tokens=16, temperature=0, eos_token_ids=[2])
+    ids, mask, _ = sampler.generate(ours, prompts, max_new_tokens=16, temperature=0, eos_token_ids=[2])
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for r, p in enumerate(prompts):
         got = ids[r, : int(mask[r].sum())].tolist()
@@ -296,11 +299,11 @@ PROMPTS = [[5, 9, 11], [7, 1, 2, 3, 4, 60, 61], [30, 31, 32, 33, 34]]
 
 def test_group_prefill_once_equals_independent_prefills(tiny64):
     G = 4
-    grouped = M.generate(
+    grouped = sampler.generate(
         tiny64, PROMPTS, group_size=G, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7
     )
     repeated = [p for p in PROMPTS for _ in range(G)]  # G separate prefills of each prompt, same row seeds
-    separate = M.generate(
+    separate = sampler.generate(
         tiny64, repeated, group_size=1, max_new_tokens=12, temperature=1.0, eos_token_ids=[3], seed=7
     )
     for a, b in zip(grouped, separate):
@@ -310,16 +313,22 @@ def test_group_prefill_once_equals_independent_prefills(tiny64):
 
 
 def test_seeded_reproducible_and_seed_changes_samples(tiny64):
-    a = M.generate(tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=11)[0]
-    b = M.generate(tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=11)[0]
-    c = M.generate(tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=12)[0]
+    a = sampler.generate(
+        tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=11, eos_token_ids=(2,)
+    )[0]
+    b = sampler.generate(
+        tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=11, eos_token_ids=(2,)
+    )[0]
+    c = sampler.generate(
+        tiny64, PROMPTS, group_size=3, max_new_tokens=10, temperature=1.0, seed=12, eos_token_ids=(2,)
+    )[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_mask_by_position_when_pad_equals_eos(tiny64):
-    free = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[])[0]
+    free = sampler.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[])[0]
     eos = int(free[1, 4])  # a token the second row emits at step 4: make it the EOS (and the pad)
-    ids, mask, logp = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[eos])
+    ids, mask, logp = sampler.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[eos])
     for r in range(len(PROMPTS)):
         hits = (free[r] == eos).nonzero()
         n = int(hits[0]) + 1 if len(hits) else 10  # up to and including the first EOS
@@ -335,9 +344,9 @@ def test_stop_string_ends_row_including_its_tokens(tiny64):
         def decode(self, ids, skip_special_tokens=False):
             return "".join(chr(65 + i % 26) for i in ids)
 
-    free = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[])[0]
+    free = sampler.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[])[0]
     stop = CharTok().decode(free[0, 3:5].tolist())  # the text of the row-0 tokens at steps 3 and 4
-    _, mask, _ = M.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[],
+    _, mask, _ = sampler.generate(tiny64, PROMPTS, max_new_tokens=10, temperature=0, eos_token_ids=[],
                             stop_strings=[stop], tokenizer=CharTok())  # fmt: skip
     text0 = CharTok().decode(free[0].tolist())
     assert int(mask[0].sum()) == text0.index(stop) + len(stop)
@@ -399,7 +408,7 @@ def test_stop_strings_on_token_ids_stop_where_decoding_does(smol):
         rows.append(row)
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (R, width), padded at the end
-    matcher = M.StopStrings(tok, stops, len(tok), len(rows), "cpu")
+    matcher = sampler.StopStrings(tok, stops, len(tok), len(rows), "cpu")
     first = [None] * len(rows)
     for t in range(width):
         hit = matcher.step(ids[:, t])
@@ -423,9 +432,9 @@ def test_stop_strings_through_generate_match_decoding(tiny64):
             return "".join(self.texts[i % len(self.texts)] for i in ids)
 
     stops = ["abca", "cc", "bcab"]
-    ids, mask, _ = M.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[],
+    ids, mask, _ = sampler.generate(tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[],
                               seed=2, stop_strings=stops, tokenizer=PieceTok())  # fmt: skip
-    free = M.generate(
+    free = sampler.generate(
         tiny64, PROMPTS, group_size=6, max_new_tokens=14, temperature=1.5, eos_token_ids=[], seed=2
     )[0]
     lengths = []
@@ -450,8 +459,8 @@ def test_inverse_cdf_equals_full_running_sum():
     ref = torch.searchsorted(w.cumsum(-1), (u * w.sum(-1))[:, None])[:, 0]
     ref[:5] = (w[:5] > 0).long().argmax(-1)
     for block in (64, 1000, 4096):
-        assert torch.equal(M.inverse_cdf(w, u, block=block), ref)
-        assert torch.equal(M.inverse_cdf(w.float(), u.float(), block=block), ref)
+        assert torch.equal(sampler.inverse_cdf(w, u, block=block), ref)
+        assert torch.equal(sampler.inverse_cdf(w.float(), u.float(), block=block), ref)
 
 
 def test_decode_kernels_equal_the_plain_calls():
@@ -485,15 +494,28 @@ def test_cached_greedy_equals_no_cache_every_family(family, tiny_dirs):
     """The decode step (single-query attention, few-row products, biases, q/k norms, untied output layer) against
     full forwards without a cache, greedy, in float64, for every family."""
     model = M.Transformer.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval()
-    ids, mask, _ = M.generate(model, PROMPTS, max_new_tokens=12, temperature=0, eos_token_ids=[])
+    ids, mask, _ = sampler.generate(model, PROMPTS, max_new_tokens=12, temperature=0, eos_token_ids=[])
     for r, p in enumerate(PROMPTS):
         assert ids[r].tolist() == greedy_without_cache(model, p, 12, eos=-1)
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(tiny64):
-    greedy = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=0)[0]
-    k1 = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=1.3, top_k=1, seed=3)[0]
-    p0 = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=1.3, top_p=1e-9, seed=3)[0]
+    greedy = sampler.generate(
+        tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=0, eos_token_ids=(2,)
+    )[0]
+    k1 = sampler.generate(
+        tiny64, PROMPTS, group_size=2, max_new_tokens=8, temperature=1.3, top_k=1, seed=3, eos_token_ids=(2,)
+    )[0]
+    p0 = sampler.generate(
+        tiny64,
+        PROMPTS,
+        group_size=2,
+        max_new_tokens=8,
+        temperature=1.3,
+        top_p=1e-9,
+        seed=3,
+        eos_token_ids=(2,),
+    )[0]
     assert torch.equal(k1, greedy) and torch.equal(p0, greedy)
 
 
@@ -513,8 +535,8 @@ def test_sampling_distribution_matches_softmax_with_temperature_top_k_top_p(tiny
             keep = (p[order].cumsum(0) - p[order]) < top_p
             p = torch.zeros_like(p).index_put_((order[keep],), p[order][keep])
         p = p / p.sum()
-        ids, _, logp = M.generate(tiny64, [prompt], group_size=n, max_new_tokens=1, temperature=T, top_k=top_k,
-                                  top_p=top_p, seed=5)  # fmt: skip
+        ids, _, logp = sampler.generate(tiny64, [prompt], group_size=n, max_new_tokens=1, temperature=T, top_k=top_k,
+                                  top_p=top_p, seed=5, eos_token_ids=(2,))  # fmt: skip
         freq = torch.bincount(ids[:, 0], minlength=p.numel()).double() / n
         assert (freq - p).abs().max() < 0.03, (T, top_k, top_p)
         assert freq[p == 0].sum() == 0  # nothing outside the top-k / top-p set
@@ -528,7 +550,7 @@ def test_sampling_logprobs_equal_recomputed_full_forward(tiny64):
     """What the trainer recomputes (one forward over prompt + completion, logits / T) equals what the cached
     sampler reported: the temperature and position rules agree between the two paths."""
     T = 0.8
-    ids, mask, logp = M.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=9, temperature=T, seed=9,
+    ids, mask, logp = sampler.generate(tiny64, PROMPTS, group_size=2, max_new_tokens=9, temperature=T, seed=9,
                                  eos_token_ids=[3])  # fmt: skip
     for r in range(ids.shape[0]):
         p = PROMPTS[r // 2]
@@ -585,23 +607,23 @@ def test_builtin_cache_is_converted_once_and_half_written_is_redone(tmp_path, mo
         (out / "config.json").write_text("{}")
 
     monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
-    monkeypatch.setattr(M, "convert_gguf", fake_convert)
-    d = M.builtin_model_dir()
-    assert M.builtin_model_dir() == d and len(calls) == 1  # second call: no-op
-    (tmp_path / M.BUILTIN_NAME / ".converted-from").unlink()  # as if the process died before finishing
-    assert M.builtin_model_dir() == d and len(calls) == 2
-    assert not any(p.name.startswith(f"{M.BUILTIN_NAME}.tmp") for p in tmp_path.iterdir())
+    monkeypatch.setattr(builtin, "convert_gguf", fake_convert)
+    d = builtin.builtin_model_dir()
+    assert builtin.builtin_model_dir() == d and len(calls) == 1  # second call: no-op
+    (tmp_path / builtin.BUILTIN_NAME / ".converted-from").unlink()  # as if the process died before finishing
+    assert builtin.builtin_model_dir() == d and len(calls) == 2
+    assert not any(p.name.startswith(f"{builtin.BUILTIN_NAME}.tmp") for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("candidates", [3, 40, 1024])
 def test_nucleus_from_top_candidates_equals_full_sort(candidates, monkeypatch):
     """Top-p from the k most likely tokens (falling back to a full sort when they hold less than p) keeps exactly the
     tokens an independent full-sort nucleus keeps, with the same probabilities."""
-    monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", candidates)
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(64, 500, generator=g) * torch.linspace(0.5, 6, 64)[:, None], -1)
     for top_p in (0.3, 0.9):
-        cand_p, cand_ids = M.nucleus(probs, top_p)
+        cand_p, cand_ids = sampler.nucleus(probs, top_p)
         got = torch.zeros_like(probs).scatter_(-1, cand_ids, cand_p)
         want = torch.zeros_like(probs)
         for r in range(64):
@@ -613,3 +635,67 @@ def test_nucleus_from_top_candidates_equals_full_sort(candidates, monkeypatch):
                 want[r, v] = probs[r, v]
                 mass += probs[r, v].item()
         assert torch.equal(got > 0, want > 0) and torch.allclose(got, want)
+
+
+def test_rotary_frequencies_stay_fp32_in_bf16_and_long_positions_agree():
+    """Every way the code puts a model in bf16 (loading in bf16, model.to, fp32 masters beside a bf16 model, the
+    LoRA base cast) keeps inv_freq in fp32: rounded to bf16 (8 bits of mantissa) the phase at position p is off by
+    up to p * inv_freq * 2^-9, radians by 2k tokens. q and k weights of std 0.2 make attention depend sharply on
+    the relative position. At positions 1984-2047 the bf16 model's logits stay within 15% (mean absolute
+    difference over the mean absolute logit) of the fp32 model's: bf16 weights and activations alone measured 4%;
+    the same model with bf16-rounded frequencies measured 39%, and the test shows it exceeds the bound."""
+    import distributed
+
+    cfg = M.ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
+                        max_position_embeddings=4096)  # fmt: skip
+    torch.manual_seed(0)
+    fp32 = M.Transformer(cfg).eval()
+    with torch.no_grad():
+        for n, p in fp32.named_parameters():
+            std = 0.2 if "q_proj" in n or "k_proj" in n else 0.05
+            p.copy_(std * torch.randn_like(p) + (1.0 if p.dim() == 1 else 0.0))  # norms ~1
+    expected = M.rope_inv_freq(cfg)
+    casts = {
+        "model.to": lambda m: m.to(torch.bfloat16),
+        "bfloat16()": lambda m: m.bfloat16(),
+        "fp32 masters": lambda m: distributed.keep_master_weights(m, torch.bfloat16) or m,
+    }
+    for name, cast in casts.items():
+        m = cast(copy.deepcopy(fp32))
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, expected), name
+        assert m.model.embed_tokens.weight.dtype == torch.bfloat16, name
+
+    ids = torch.randint(0, 97, (1, 2048), generator=torch.Generator().manual_seed(1))
+
+    def late_error(model):
+        with torch.no_grad():
+            ref, got = fp32(ids)[0, -64:], model(ids)[0, -64:].float()  # (64, V) each
+        return ((got - ref).abs().mean() / ref.abs().mean()).item()
+
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    assert late_error(bf16) < 0.15
+    bf16.inv_freq = expected.to(torch.bfloat16).float()  # what model.to(bf16) did before
+    assert late_error(bf16) > 0.15
+
+
+def test_stop_string_tables_are_built_once_per_tokenizer_and_dropped_with_it():
+    """The tables are cached per tokenizer object (not per id(), which a later object can reuse) and leave the cache
+    when the tokenizer is gone."""
+    import gc
+
+    class Tok:
+        calls = 0
+
+        def batch_decode(self, ids, skip_special_tokens=False):
+            Tok.calls += 1
+            return ["<", "/", "a", ">", "x"][: len(ids)]
+
+    tok = Tok()
+    sampler.StopStrings(tok, ["</a>"], 5, 2, "cpu")
+    sampler.StopStrings(tok, ["</a>"], 5, 3, "cpu")
+    assert Tok.calls == 1  # built once for this tokenizer
+    n = len(sampler.StopStrings._tables)
+    del tok
+    gc.collect()
+    assert len(sampler.StopStrings._tables) == n - 1

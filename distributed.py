@@ -1,0 +1,267 @@
+"""Processes, sharding and precision: how the trained model is laid out over ranks and dtypes.
+
+    setup_distributed   torchrun's environment -> (rank, world, device); one process group with gloo for host
+                        tensors and, on GPUs, NCCL for device tensors
+    collectives         sums, maxima and gathers across ranks (no-ops in one process)
+    fp32 masters        bf16 compute with fp32 master weights in one process: the optimizer steps the masters
+    FSDP2               each block, then the root, sharded over all ranks; gathered once per sampling round
+    load_models         the policy (and the frozen reference) in that layout
+
+What is saved and when lives in checkpoint.py; how much memory all this takes, in memory.py.
+"""
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import memory
+from builtin import resolve_model_path
+from memory import DTYPES
+from model import ModelError, Transformer, add_lora, load_tokenizer, read_json
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; each process holds whole groups (B prompts x G rows)
+
+
+def setup_distributed(seed=0):
+    """-> (rank, world, device), with torch's and Python's RNG seeded alike on every rank."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        # Host bookkeeping (rewards, counts) is reduced where it is made, over gloo; the model's tensors over NCCL.
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        memory.keep_large_blocks_mapped()
+    return rank, world, device
+
+
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+def shutdown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x):
+    if distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x):
+    if distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_gather_cat(x):
+    """(n, ...) on each rank -> (world * n, ...) in rank order (every rank holds the same n)."""
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_union(names):
+    """The sorted union of a set of strings over all ranks."""
+    if not distributed():
+        return sorted(set(names))
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(set(names)))
+    return sorted(set().union(*parts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision. bf16 rounds an fp32 weight to 8 bits of mantissa, so an AdamW update of lr 1e-5 on a weight of 0.05 (a
+# relative change of 2e-4 < 2^-8) mostly rounds away: the optimizer steps fp32 master weights, the model computes
+# with their bf16 rounding, gradients are summed in fp32.
+
+
+def compute_dtype(name, device) -> str:
+    """--dtype, or where it is not given bf16 on CUDA and fp32 on CPUs (most have no bf16 units)."""
+    if name is not None:
+        return name
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def keep_master_weights(model, dtype):
+    """One process: an fp32 copy of every trained parameter (model.masters, by name) for the optimizer, then the
+    model cast to dtype. Each micro-batch's gradient is added into the master's fp32 .grad as soon as it is
+    accumulated, and the low-precision one freed."""
+    model.masters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.to(dtype)  # the rotary frequencies stay fp32 (Transformer._apply)
+    named = dict(model.named_parameters())
+    for n, master in model.masters.items():
+        named[n].register_post_accumulate_grad_hook(lambda p, m=master: _add_to_master(m, p))
+
+
+def _add_to_master(master, p):
+    master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+    p.grad = None
+
+
+def named_trained_parameters(model):
+    """What the optimizer steps, by name: the fp32 masters when the model keeps them, else the trained parameters
+    (under FSDP their fp32 shards, whose gradients FSDP has already summed over the ranks in backward)."""
+    masters = getattr(model, "masters", None)
+    if masters:
+        return list(masters.items())
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trained_parameters(model):
+    return [p for _, p in named_trained_parameters(model)]
+
+
+def with_master_weights(model, optimizer):
+    """After each optimizer step the model's weights become the rounding of the updated masters."""
+    masters = getattr(model, "masters", None)
+    if masters:
+        named = dict(model.named_parameters())
+
+        @torch.no_grad()
+        def copy_back(*_):
+            for n, m in masters.items():
+                named[n].copy_(m)
+
+        optimizer.register_step_post_hook(copy_back)
+    return optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP2
+
+_mesh = None
+
+
+def shard(model, dtype):
+    """FSDP2: each block, then the root (embeddings, final norm, head), sharded over all ranks; parameters are
+    gathered in `dtype` for compute and gradients reduce-scattered in fp32. The gradients are summed, not averaged:
+    each rank's loss is already divided by the whole step's token count."""
+    global _mesh
+    if _mesh is None:
+        _mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=_mesh, mp_policy=mp)
+    fully_shard(model, mesh=_mesh, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+@contextlib.contextmanager
+def sampling_weights(model):
+    """Eval mode for a sampling round; under FSDP every parameter gathered once for the whole round (not once per
+    token), and freed at its end."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.eval()
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(
+                m is not model, recurse=False
+            )  # FSDP's default: the root stays gathered
+        model.train()
+
+
+def full_state_dict(model):
+    """-> {name: CPU tensor}, adapters unmerged: gathered from the shards under FSDP (every rank takes part, rank 0
+    receives, the others get {}), else this module's, with the fp32 masters in place of their bf16 roundings."""
+    if isinstance(model, FSDPModule):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state.update({k: m.detach().cpu() for k, m in getattr(model, "masters", {}).items()})
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the policy and the reference in this layout
+
+
+def load_models(cfg, weights, init, device, dtype_name):
+    """-> (policy, reference or None). The policy starts from `weights` (init, or a checkpoint when resuming).
+    The reference is the frozen start of this stage, `init` (or `--ref`): with LoRA the same module with adapters
+    off; otherwise a frozen copy, and none at all when beta == 0. Trained weights load in fp32 and stay fp32 (the
+    master copy: fp32 shards under FSDP, else fp32 copies beside a bf16 model); frozen weights load in dtype."""
+    dtype = DTYPES[dtype_name]
+    policy = Transformer.from_pretrained(resolve_model_path(weights), dtype=torch.float32, device=device)
+    reference = None
+    if cfg.lora_rank > 0:
+        torch.manual_seed(cfg.seed)  # adapter init is part of the seeded run
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        for p in policy.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)  # the frozen base: no master copy
+        policy.to(device)
+    elif cfg.beta > 0:
+        ref_path = resolve_model_path(cfg.ref or init)
+        reference = Transformer.from_pretrained(ref_path, dtype=dtype, device=device)
+        reference.eval().requires_grad_(False)
+        if reference.config.vocab_size != policy.config.vocab_size:  # log-probs of the same ids must agree
+            raise ModelError(
+                f"--ref {cfg.ref}: its vocabulary has {reference.config.vocab_size} tokens, the "
+                f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer"
+            )
+    if cfg.grad_checkpoint:
+        policy.gradient_checkpointing = True
+    if distributed():
+        shard(policy, dtype)
+        if reference is not None:
+            shard(reference, dtype)
+    elif dtype != torch.float32:
+        keep_master_weights(policy, dtype)
+    return policy, reference
+
+
+def load_run_models(cfg, ckpt, init, device, dtype, world, log):
+    """-> (policy, reference or None, tokenizer), after the memory plan says they fit. A full fine-tune resumes
+    from the checkpoint's weights; LoRA reloads its base (init) and gets its adapters back from the trainer state."""
+    weights = str(ckpt) if ckpt is not None and cfg.lora_rank == 0 else init
+    hf_config = read_json(Path(resolve_model_path(weights)) / "config.json")
+    plan = memory.memory_plan(hf_config, cfg, world, dtype)
+    for line in memory.format_plan(plan, cfg, world, dtype):
+        log(line)
+    memory.check_fit(plan, device)  # before any weight is loaded
+    policy, reference = load_models(cfg, weights, init, device, dtype)
+    total = sum(p.numel() for p in policy.parameters())
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    how = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full"
+    ref = "none (beta = 0)" if cfg.beta == 0 else "adapters off" if cfg.lora_rank else cfg.ref or init
+    fsdp = ", FSDP2" if world > 1 else ""
+    log(
+        f"[model] {weights}: {total / 1e6:.1f}M parameters, {trained / 1e6:.2f}M trained ({how}), reference: {ref}; "
+        f"{world} process(es) on {device}{fsdp}, {dtype}"
+    )
+    return policy, reference, load_tokenizer(resolve_model_path(ckpt or init))
