@@ -68,6 +68,83 @@ SAMPLER_METRICS = (
 
 # ---- The loss (torch only) -----------------------------------------------------------------------------------------
 
+OBJECTIVES = ("clip", "cispo", "sapo")
+TIS_MODES = ("truncate", "mask")
+
+
+def clip_surrogate(ratio, A, eps_low, eps_high, clip_ratio_c=None):
+    """PPO / GRPO clipped surrogate (DeepSeekMath arXiv 2402.03300; TRL loss_type grpo/dapo, verl vanilla)."""
+    # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
+    surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A)
+    if clip_ratio_c is not None:
+        # dual clip: for A < 0, surrogate_t = max(surrogate_t, c * A), so -surrogate_t <= c * |A|
+        surrogate = torch.where(A < 0, torch.maximum(surrogate, clip_ratio_c * A), surrogate)
+    return surrogate
+
+
+def cispo_surrogate(ratio, A, logp, eps_low, eps_high):
+    """CISPO (MiniMax-M1 arXiv 2506.13585 eq. 4-5; TRL loss_type="cispo", verl loss_mode=cispo): the clipped
+    ratio is a constant weight, so every token keeps its gradient sg(clip(r)) * A * grad log pi; value and
+    gradient are those of verl's and TRL's -sg(clip(r)) * A * logp. TRL clips above only, at eps_high."""
+    # surrogate_t = sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A * log pi_t
+    return torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high).detach() * A * logp
+
+
+def sapo_gate(ratio, A, tau_pos, tau_neg):
+    """SAPO's soft gate in place of the clip (arXiv 2511.20347 eq. 5-6; TRL loss_type="sapo", verl sapo):
+    f(r) = (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos for A > 0 else tau_neg. df/dr = 4 s (1 - s) is 1 at
+    r = 1 and decays smoothly off-policy, faster for A < 0 (tau_neg > tau_pos)."""
+    tau = torch.where(A > 0, A.new_tensor(tau_pos), A.new_tensor(tau_neg))  # (B, 1)
+    return torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)  # f(r)
+
+
+def check_loss_options(
+    objective="clip",
+    clip_ratio_c=None,
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
+    is_level="token",
+    tis_cap=None,
+    tis_min=None,
+    tis_mode="truncate",
+    tis_level=None,
+    off_policy_mask=None,
+):
+    """Raise ValueError, one line, for a value the command line would refuse (None = off everywhere)."""
+    ok = lambda x: x is None or (isinstance(x, (int, float)) and math.isfinite(x))  # a bool is an int; fine
+    for ok_, message in (
+        (objective in OBJECTIVES, f"objective must be clip, cispo or sapo, got {objective!r}"),
+        (is_level in ("token", "sequence"), f"is_level must be token or sequence, got {is_level!r}"),
+        (tis_level in (None, "token", "sequence"), f"tis_level must be token or sequence, got {tis_level!r}"),
+        (tis_mode in TIS_MODES, f"tis_mode must be truncate or mask, got {tis_mode!r}"),
+        (clip_ratio_c is None or clip_ratio_c > 1.0, f"clip_ratio_c must be > 1, got {clip_ratio_c}"),
+        (clip_ratio_c is None or objective == "clip", "clip_ratio_c is the dual clip of objective clip"),
+        (
+            sapo_tau_pos > 0 and sapo_tau_neg > 0,
+            f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}",
+        ),
+        # a weight of 0 or below would drop or flip the policy term (verl raises for a threshold <= 0)
+        (
+            ok(tis_cap) and (tis_cap is None or tis_cap > 0),
+            f"tis_cap must be > 0 (None = off), got {tis_cap}",
+        ),
+        (
+            ok(tis_min) and (tis_min is None or tis_min >= 0),
+            f"tis_min must be >= 0 (None = off), got {tis_min}",
+        ),
+        (tis_min is None or tis_cap is not None, "tis_min needs tis_cap"),
+        (
+            tis_min is None or tis_cap is None or tis_min < tis_cap,
+            f"tis_min must be < tis_cap, got {tis_min}",
+        ),
+        (
+            ok(off_policy_mask) and (off_policy_mask is None or off_policy_mask >= 0),
+            "off_policy_mask must be >= 0",
+        ),
+    ):
+        if not ok_:
+            raise ValueError(f"grpo_loss: {message}")
+
 
 def grpo_loss(
     logp,
@@ -87,8 +164,15 @@ def grpo_loss(
     clip_ratio_c=None,
     sampler_logp=None,
     tis_cap=None,
+    objective="clip",
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
+    tis_mode="truncate",
+    tis_level=None,
+    tis_min=None,
+    off_policy_mask=None,
 ):
-    """Clipped GRPO surrogate with an optional KL penalty to a reference policy.
+    """Clipped GRPO surrogate (or CISPO, SAPO) with an optional KL penalty to a reference policy.
 
     logp       (B, T) log-probs of the completion tokens under the current policy (with grad)
     old_logp   (B, T) under the policy that sampled them (no grad); None means logp.detach() (mu = 1)
@@ -104,11 +188,21 @@ def grpo_loss(
         the whole step's loss, however it is split into micro-batches or processes.
     is_level: "token", or "sequence": one ratio per completion, exp(its mean log-ratio) (GSPO, arXiv 2507.18071)
     clip_ratio_c: dual clip, for A < 0 the token loss is at most c * |A| (arXiv 1912.09729; verl clip_ratio_c); None off
+    objective: the policy term per token: "clip" (PPO / GRPO), "cispo" (its weight clipped to
+        [1 - eps_low, 1 + eps_high]) or "sapo" (soft gate, temperatures sapo_tau_pos, sapo_tau_neg)
     sampler_logp (B, T): the sampler's own log-probs of the tokens; adds the sampler / trainer mismatch metrics
-    tis_cap: truncated importance sampling (TRL vllm_importance_sampling_correction, verl rollout_is): the policy
-        term times min(pi_old / pi_sampler, tis_cap) (sampler_weights); None = off
+    tis_cap: importance sampling against the sampler (TRL vllm_importance_sampling_correction, verl
+        rollout_is / rollout_rs): the policy term times a weight w from r = pi_old / pi_sampler
+        (sampler_weights); None = off. tis_mode "truncate": w = clip(r, tis_min, tis_cap); "mask": w = r
+        inside [tis_min, tis_cap], else 0 (the token or sequence leaves the loss). tis_level: "token" or
+        "sequence" (r of a sequence = the product of its tokens'); None = is_level.
+    off_policy_mask: DeepSeek-V3.2's off-policy sequence masking, threshold delta (off_policy_keep); None off
     Returns (loss scalar, metrics dict of detached scalar tensors, token-means over this batch's completion tokens).
     """
+    check_loss_options(
+        objective, clip_ratio_c, sapo_tau_pos, sapo_tau_neg, is_level, tis_cap, tis_min, tis_mode, tis_level,
+        off_policy_mask,
+    )  # fmt: skip
     mask = mask.to(logp.dtype)
     old_logp = (
         logp.detach() if old_logp is None else old_logp
@@ -120,18 +214,14 @@ def grpo_loss(
     if is_level == "sequence":
         # GSPO: s_i = exp((1 / |o_i|) sum_t log_ratio_t), one ratio for all tokens of completion i
         log_ratio = (log_ratio * mask).sum(1, keepdim=True) / torch.clamp(mask.sum(1, keepdim=True), min=1.0)
-    elif is_level != "token":
-        raise ValueError(f"grpo_loss: is_level must be token or sequence, got {is_level!r}")
     ratio = torch.exp(log_ratio)  # (B, T), or (B, 1)
-    # surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
-    surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A).expand_as(
-        logp
-    )
-    if clip_ratio_c is not None:
-        if not clip_ratio_c > 1.0:
-            raise ValueError(f"grpo_loss: clip_ratio_c must be > 1, got {clip_ratio_c}")
-        # dual clip: for A < 0, surrogate_t = max(surrogate_t, c * A), so -surrogate_t <= c * |A|
-        surrogate = torch.where(A < 0, torch.maximum(surrogate, clip_ratio_c * A), surrogate)
+    if objective == "clip":
+        surrogate = clip_surrogate(ratio, A, eps_low, eps_high, clip_ratio_c).expand_as(logp)  # (B, T)
+    elif objective == "cispo":
+        surrogate = cispo_surrogate(ratio, A, logp, eps_low, eps_high)  # (B, T)
+    else:
+        gate = sapo_gate(ratio, A, sapo_tau_pos, sapo_tau_neg)  # (B, T), or (B, 1)
+        surrogate = (gate * A).expand_as(logp)  # surrogate_t = f(r_t) * A
 
     # KL(policy || reference) per token, from d = ref_logp - logp clamped like the ratio:
     # k1 = -d (unbiased, can be negative); k2 = d^2 / 2; k3 = exp(d) - d - 1 >= 0 (unbiased and low variance)
@@ -144,11 +234,18 @@ def grpo_loss(
         d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
         kl_t = -d if kl == "k1" else 0.5 * d * d if kl == "k2" else torch.exp(d) - d - 1.0
 
-    # loss_t = -(w_t * surrogate_t - beta * kl_t), w_t the truncated sampler weight (1 without tis_cap)
-    weight, sampler_metrics = sampler_weights(old_logp, sampler_logp, mask, is_level, tis_cap)
-    per_token = (
-        -(surrogate - beta * kl_t) if tis_cap is None else -(weight * surrogate - beta * kl_t)
-    )  # (B, T)
+    # loss_t = -(m_i * w_t * surrogate_t - beta * kl_t): w_t the sampler weight (1 without tis_cap), m_i the
+    # off-policy sequence mask (1 without off_policy_mask); neither touches the KL term (as in TRL)
+    weight, sampler_metrics = sampler_weights(
+        old_logp, sampler_logp, mask, tis_level or is_level, tis_cap, tis_mode, tis_min
+    )
+    policy = surrogate if tis_cap is None else weight * surrogate
+    keep = None
+    if off_policy_mask is not None:  # against the sampler's log-probs when there are, else pi_old's (TRL)
+        behaviour = old_logp if sampler_logp is None else sampler_logp
+        keep = off_policy_keep(logp, behaviour, A, mask, off_policy_mask)  # (B, 1)
+        policy = keep * policy
+    per_token = -(policy - beta * kl_t)  # (B, T)
 
     B, T = logp.shape
     n_seq = max(B if num_seqs is None else num_seqs, 1)
@@ -185,26 +282,85 @@ def grpo_loss(
             tokens=mask.sum(),
             **sampler_metrics,
         )
+        if objective == "cispo":  # TRL's name and meaning: ratio above the cap where A > 0
+            metrics["cispo_clip_ratio"] = mean(high.expand_as(logp))
+        if objective == "sapo":
+            metrics["sapo/gate_mean"] = mean(gate.expand_as(logp))  # f(r): 2 / tau on-policy
+        if keep is not None:
+            dropped = (1.0 - keep) * (mask.sum(1, keepdim=True) > 0)  # (B, 1), non-empty rows only
+            metrics[OFF_POLICY_MASK_METRICS[0]] = mean(dropped.expand_as(logp))  # share of tokens
+            metrics[OFF_POLICY_MASK_METRICS[1]] = dropped.sum() / max(B, 1)  # share of sequences
     return loss, metrics
 
 
-def sampler_weights(old_logp, sampler_logp, mask, is_level="token", tis_cap=None):
-    """-> (w, metrics). w = min(exp(old_logp - sampler_logp), tis_cap), detached, per token or, at is_level
-    "sequence", per completion from the sum of its log-ratios (TRL's sequence_truncate). The metrics say how far the
-    sampler's log-probs are from the trainer's: in exact arithmetic they are equal and w = 1, a correctness alarm."""
+def extra_metric_names(objective="clip", tis_mode="truncate", tis_cap=None, off_policy_mask=None):
+    """The metric names grpo_loss adds to LOSS_METRICS (and SAMPLER_METRICS) for these options, in order."""
+    return (
+        (("cispo_clip_ratio",) if objective == "cispo" else ())
+        + (("sapo/gate_mean",) if objective == "sapo" else ())
+        + (TIS_MASK_METRICS if tis_mode == "mask" and tis_cap is not None else ())
+        + (OFF_POLICY_MASK_METRICS if off_policy_mask is not None else ())
+    )
+
+
+TIS_MASK_METRICS = (
+    "rollout_corr/rollout_rs_masked_fraction",  # verl's names (TRL has none): share of tokens with w = 0
+    "rollout_corr/rollout_rs_seq_masked_fraction",  # share of sequences with at least one such token
+)
+OFF_POLICY_MASK_METRICS = (
+    "off_policy_mask/masked_fraction",  # share of completion tokens in dropped sequences (TRL logs none)
+    "off_policy_mask/seq_masked_fraction",  # share of sequences dropped
+)
+
+
+def sampler_weights(
+    old_logp, sampler_logp, mask, level="token", tis_cap=None, tis_mode="truncate", tis_min=None
+):
+    """-> (w, metrics). r = exp(old_logp - sampler_logp) per token or, at level "sequence", per completion
+    from the sum of its log-ratios (TRL sequence_*, verl rollout_is=sequence); detached. tis_mode "truncate":
+    w = clip(r, tis_min, tis_cap) (TRL token_truncate / sequence_truncate, verl rollout_is); "mask": w = r
+    inside [tis_min, tis_cap], 0 outside (TRL token_mask / sequence_mask, IcePop). The metrics say how far the
+    sampler's log-probs are from the trainer's: in exact arithmetic they are equal and w = 1, a correctness
+    alarm. The importance_sampling_ratio ones run over tokens at level "token" and over sequences at
+    "sequence" (TRL's meaning: an empty row counts, with r = 1)."""
     if sampler_logp is None:
         if tis_cap is not None:
             raise ValueError("grpo_loss: tis_cap needs sampler_logp")
         return None, {}
     with torch.no_grad():
         diff = (old_logp - sampler_logp) * mask  # (B, T)
-        log_w = diff.sum(1, keepdim=True) if is_level == "sequence" else diff  # (B, 1) or (B, T)
-        w = torch.exp(torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap or math.inf)
+        log_w = diff.sum(1, keepdim=True) if level == "sequence" else diff  # (B, 1) or (B, T)
+        r = torch.exp(torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        cap = math.inf if tis_cap is None else tis_cap
+        if tis_mode == "mask":
+            inside = (r <= cap) & (r >= (0.0 if tis_min is None else tis_min))  # bounds kept, as TRL and verl
+            w = torch.where(inside, r, torch.zeros_like(r))
+        else:
+            w = r.clamp(min=tis_min, max=cap)
         on = (
             mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)
         )  # an empty batch reports w = 1
-        d, w_on = diff.abs()[on], w.expand_as(diff)[on]  # (completion tokens,) each
-    return w, dict(zip(SAMPLER_METRICS, (d.mean(), d.max(), w_on.min(), w_on.mean(), w_on.max())))
+        d = diff.abs()[on]  # (completion tokens,)
+        # TRL's meaning of the importance_sampling_ratio metrics: over sequences at level "sequence"
+        w_on = (
+            w.flatten() if level == "sequence" and w.numel() else w.expand_as(diff)[on]
+        )  # (B,) or (tokens,)
+        metrics = dict(zip(SAMPLER_METRICS, (d.mean(), d.max(), w_on.min(), w_on.mean(), w_on.max())))
+        if tis_mode == "mask" and tis_cap is not None:
+            gone = (w == 0).expand_as(diff) & mask.bool()  # (B, T)
+            n_seq = torch.clamp((mask.sum(1) > 0).sum(), min=1).to(mask.dtype)
+            metrics[TIS_MASK_METRICS[0]] = gone.sum() / torch.clamp(mask.sum(), min=1.0)
+            metrics[TIS_MASK_METRICS[1]] = gone.any(1).sum() / n_seq
+    return w, metrics
+
+
+def off_policy_keep(logp, behaviour_logp, A, mask, delta):
+    """Off-policy sequence masking (DeepSeek-V3.2, arXiv 2512.02556; TRL off_policy_mask_threshold):
+    -> (B, 1), 0 for a sequence with A < 0 whose mean log(pi_behaviour / pi_theta) exceeds delta, else 1."""
+    with torch.no_grad():
+        n = torch.clamp(mask.sum(1, keepdim=True), min=1.0)  # (B, 1)
+        divergence = ((behaviour_logp - logp.detach()) * mask).sum(1, keepdim=True) / n  # (B, 1)
+        return ((A >= 0) | (divergence <= delta)).to(logp.dtype)
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):

@@ -372,7 +372,8 @@ def test_mismatch_metrics_hand_computed():
     seq = [min(math.exp(0.1 - 0.2), 1.3), min(math.exp(0.0 + 0.3 + 0.05), 1.3)]  # rows: 0.905, capped 1.3
     assert s["sampling/importance_sampling_ratio/min"].item() == pytest.approx(seq[0])
     assert s["sampling/importance_sampling_ratio/max"].item() == pytest.approx(1.3)
-    assert s["sampling/importance_sampling_ratio/mean"].item() == pytest.approx((2 * seq[0] + 3 * seq[1]) / 5)
+    # TRL's meaning at sequence level: the mean over sequences, not over tokens ((2 * seq[0] + 3 * seq[1]) / 5)
+    assert s["sampling/importance_sampling_ratio/mean"].item() == pytest.approx((seq[0] + seq[1]) / 2)
 
 
 def grpo_loss_before(
@@ -499,6 +500,17 @@ def test_new_options_bad_arguments_raise():
         grpo_loss(x, x, None, torch.zeros(1), x, clip_ratio_c=0.9)
     with pytest.raises(ValueError, match="sampler_logp"):
         grpo_loss(x, x, None, torch.zeros(1), x, tis_cap=2.0)
+
+
+def test_bad_tis_values_raise():
+    """tis_cap = 0 applied an uncapped weight (`tis_cap or math.inf`) and tis_cap = -1 made every weight -1,
+    flipping the policy term's sign; given in code, such values must raise, as the command line refuses them."""
+    x, s = torch.zeros(1, 2), torch.zeros(1, 2)
+    for cap in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="tis_cap"):
+            grpo_loss(x, x, None, torch.ones(1), torch.ones(1, 2), sampler_logp=s, tis_cap=cap)
+    with pytest.raises(ValueError, match="tis_min"):
+        grpo_loss(x, x, None, torch.ones(1), torch.ones(1, 2), sampler_logp=s, tis_cap=2.0, tis_min=-0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
