@@ -1,25 +1,25 @@
 """GRPO (Group Relative Policy Optimization) for grounded, cited answers, in one file read top to bottom.
 
-    python grpo.py --stage 0      # supervised warm-up: the same update on one rule-written gold completion each
-    python grpo.py --stage 1      # answerable questions; rewards: tags, format, exact match, citations
-    python grpo.py --stage 2      # + the refusal reward, 50/50 answerable / unanswerable, from stage 1's checkpoint
-    torchrun --nproc_per_node 2 grpo.py --stage 1      # several processes, FSDP2
+    python grpo.py --stage 0   # supervised warm-up: the same update on one rule-written gold completion each
+    python grpo.py --stage 1   # answerable questions; rewards: tags, format, exact match, citations
+    python grpo.py --stage 2   # + the refusal reward, half unanswerable, from stage 1's checkpoint
+    torchrun --nproc_per_node 2 grpo.py --stage 1   # several processes, FSDP2
 
 One step of the loop in `main`, and the function that does each part:
-  1. B prompts, G completions sampled for each (each prompt prefilled once)        sample_rollout -> sampler.py
-  2. a rule reward for every completion: r_ij = reward_fn(completion, record)     score_rollout -> rewards.py
-  3. advantages within each group: A_ij = (r_ij - mean_j r_i.) / (std_j r_i. + eps)         group_advantages
+  1. B prompts, G completions sampled for each (each prompt prefilled once)     sample_rollout -> sampler.py
+  2. a rule reward for every completion: r_ij = reward_fn(completion, record)  score_rollout -> rewards.py
+  3. advantages within each group: A_ij = (r_ij - mean_j r_i.) / (std_j r_i. + eps)      group_advantages
   4. log-probs of the completion tokens from logits / temperature, each prompt run once with its completions
-     packed behind it (policy; sampling policy if --mu > 1; reference if --beta > 0)      logprobs.py
-  5. clipped surrogate minus beta * KL, averaged over the tokens of the whole step           grpo_loss
-  6. backward over micro-batches, clip the gradient norm, AdamW, learning-rate schedule      policy_update, lr_at
-  7. metrics and samples to the run directory, a checkpoint every --save-every steps         main -> checkpoint.py
+     packed behind it (policy; sampling policy if --mu > 1; reference if --beta > 0)   logprobs.py
+  5. clipped surrogate minus beta * KL, averaged over the tokens of the whole step        grpo_loss
+  6. backward over micro-batches, clip the gradient norm, AdamW, learning-rate schedule   policy_update, lr_at
+  7. metrics and samples to the run directory, a checkpoint every --save-every steps      checkpoint.py
 Left out, on purpose: a separate inference engine (sampling runs on the training weights: nothing to sync); a
-value or reward model (rewards are rules, advantages group-relative); a reference model when beta = 0 (the default,
-as in DAPO and Dr. GRPO); resampling groups whose rewards are all equal (DAPO's dynamic sampling: they are counted,
-and --drop-zero-std-groups leaves them out); entropy bonuses (not in the method, docs/METHOD.md).
+value or reward model (rewards are rules, advantages group-relative); a reference model when beta = 0 (the
+default, as in DAPO and Dr. GRPO); resampling groups whose rewards are all equal (DAPO's dynamic sampling:
+they are counted, and --drop-zero-std-groups leaves them out); entropy bonuses (not in the method).
 
-Host and device: sampling and the update run on the model's device; decoding text and scoring it run on the host.
+Host and device: sampling and the update run on the model's device; decoding text and scoring it, on the host.
 A rollout is built on the host and crosses to the device once (Rollout.to), as do the advantages.
 
 `grpo_loss` and `group_advantages` depend on torch only: copy them into other projects.
@@ -27,6 +27,7 @@ A rollout is built on the host and crosses to the device once (Rollout.to), as d
 
 import contextlib
 import functools
+import inspect
 import math
 import sys
 import time
@@ -66,7 +67,7 @@ SAMPLER_METRICS = (
     "sampling/importance_sampling_ratio/max",
 )
 
-# ---- The loss (torch only) -----------------------------------------------------------------------------------------
+# ---- The loss (torch only) ---------------------------------------------------------------------------------
 
 OBJECTIVES = ("clip", "cispo", "sapo")
 TIS_MODES = ("truncate", "mask")
@@ -112,6 +113,7 @@ def check_loss_options(
 ):
     """Raise ValueError, one line, for a value the command line would refuse (None = off everywhere)."""
     ok = lambda x: x is None or (isinstance(x, (int, float)) and math.isfinite(x))  # a bool is an int; fine
+    positive = lambda x: x is None or (ok(x) and x > 0)
     for ok_, message in (
         (objective in OBJECTIVES, f"objective must be clip, cispo or sapo, got {objective!r}"),
         (is_level in ("token", "sequence"), f"is_level must be token or sequence, got {is_level!r}"),
@@ -121,13 +123,10 @@ def check_loss_options(
         (clip_ratio_c is None or objective == "clip", "clip_ratio_c is the dual clip of objective clip"),
         (
             sapo_tau_pos > 0 and sapo_tau_neg > 0,
-            f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}",
+            f"sapo temperatures must be > 0: {sapo_tau_pos}, {sapo_tau_neg}",
         ),
         # a weight of 0 or below would drop or flip the policy term (verl raises for a threshold <= 0)
-        (
-            ok(tis_cap) and (tis_cap is None or tis_cap > 0),
-            f"tis_cap must be > 0 (None = off), got {tis_cap}",
-        ),
+        (positive(tis_cap), f"tis_cap must be > 0 (None = off), got {tis_cap}"),
         (
             ok(tis_min) and (tis_min is None or tis_min >= 0),
             f"tis_min must be >= 0 (None = off), got {tis_min}",
@@ -179,34 +178,35 @@ def grpo_loss(
     ref_logp   (B, T) under the frozen reference (no grad); may be None when beta == 0
     advantages (B,)   one advantage per completion
     mask       (B, T) 1 for completion tokens (up to and including the first EOS), 0 after
-    eps_low, eps_high: the ratio is clipped to [1 - eps_low, 1 + eps_high] (DAPO "clip higher": eps_high = 0.28)
+    eps_low, eps_high: the ratio is clipped to [1 - eps_low, 1 + eps_high] (DAPO's clip higher: eps_high 0.28)
     kl: "k1" | "k2" | "k3" estimator of KL(policy || reference) per token
-    agg: per-token losses to one number: "token-mean" (DAPO; TRL's default), "seq-mean-token-mean" (GRPO paper),
-        "seq-mean-token-sum-norm" (Dr. GRPO; T = the generation budget); the equations are at the code
-    num_tokens, num_seqs: completion tokens ("token-mean") and sequences ("seq-mean-...") of the WHOLE optimizer
-        step, all micro-batches and ranks (default: this batch's), so the micro-batches' losses add up to exactly
-        the whole step's loss, however it is split into micro-batches or processes.
-    is_level: "token", or "sequence": one ratio per completion, exp(its mean log-ratio) (GSPO, arXiv 2507.18071)
-    clip_ratio_c: dual clip, for A < 0 the token loss is at most c * |A| (arXiv 1912.09729; verl clip_ratio_c); None off
+    agg: per-token losses to one number: "token-mean" (DAPO; TRL's default), "seq-mean-token-mean" (the GRPO
+        paper), "seq-mean-token-sum-norm" (Dr. GRPO; T = the generation budget); the equations are at the code
+    num_tokens, num_seqs: completion tokens ("token-mean") and sequences ("seq-mean-...") of the WHOLE
+        optimizer step, all micro-batches and ranks (default: this batch's), so the micro-batches' losses add
+        up to exactly the whole step's loss, however it is split into micro-batches or processes.
+    is_level: "token", or "sequence": one ratio per completion, exp(its mean log-ratio) (GSPO, 2507.18071)
+    clip_ratio_c: dual clip, for A < 0 the token loss is at most c * |A| (arXiv 1912.09729; verl clip_ratio_c)
     objective: the policy term per token: "clip" (PPO / GRPO), "cispo" (its weight clipped to
         [1 - eps_low, 1 + eps_high]) or "sapo" (soft gate, temperatures sapo_tau_pos, sapo_tau_neg)
-    sampler_logp (B, T): the sampler's own log-probs of the tokens; adds the sampler / trainer mismatch metrics
+    sampler_logp (B, T): the sampler's own log-probs of the tokens; adds the sampler / trainer mismatch
+        metrics
     tis_cap: importance sampling against the sampler (TRL vllm_importance_sampling_correction, verl
         rollout_is / rollout_rs): the policy term times a weight w from r = pi_old / pi_sampler
-        (sampler_weights); None = off. tis_mode "truncate": w = clip(r, tis_min, tis_cap); "mask": w = r
-        inside [tis_min, tis_cap], else 0 (the token or sequence leaves the loss). tis_level: "token" or
-        "sequence" (r of a sequence = the product of its tokens'); None = is_level.
-    off_policy_mask: DeepSeek-V3.2's off-policy sequence masking, threshold delta (off_policy_keep); None off
-    Returns (loss scalar, metrics dict of detached scalar tensors, token-means over this batch's completion tokens).
+        (sampler_weights). tis_mode "truncate": w = clip(r, tis_min, tis_cap); "mask": w = r inside
+        [tis_min, tis_cap], else 0 (the token or sequence leaves the loss). tis_level: "token" or "sequence"
+        (r of a sequence = the product of its tokens'); None = is_level.
+    off_policy_mask: DeepSeek-V3.2's off-policy sequence masking, threshold delta (off_policy_keep)
+    An option set to None is off. Returns (loss scalar, metrics dict of detached scalar tensors, token-means
+    over this batch's completion tokens).
     """
     check_loss_options(
         objective, clip_ratio_c, sapo_tau_pos, sapo_tau_neg, is_level, tis_cap, tis_min, tis_mode, tis_level,
         off_policy_mask,
     )  # fmt: skip
     mask = mask.to(logp.dtype)
-    old_logp = (
-        logp.detach() if old_logp is None else old_logp
-    )  # mu = 1: ratio = 1 in value, but not in gradient
+    # mu = 1: ratio = 1 in value, but not in gradient
+    old_logp = logp.detach() if old_logp is None else old_logp
     A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1), broadcast over tokens
 
     # ratio_t = exp(logp_t - old_logp_t), the log-ratio clamped so exp cannot overflow
@@ -261,8 +261,8 @@ def grpo_loss(
             f"grpo_loss: agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {agg!r}"
         )
 
-    # Metrics: token-means over this batch's completion tokens. With mu = 1 the loss value is ~ -mean(A) ~ 0 by
-    # construction, so the surrogate, the KL and the clip fractions are logged separately.
+    # Metrics: token-means over this batch's completion tokens. With mu = 1 the loss value is ~ -mean(A) ~ 0
+    # by construction, so the surrogate, the KL and the clip fractions are logged separately.
     with torch.no_grad():
         n_tok = torch.clamp(mask.sum(), min=1.0)
         mean = lambda x: (x * mask).sum() / n_tok
@@ -337,9 +337,8 @@ def sampler_weights(
             w = torch.where(inside, r, torch.zeros_like(r))
         else:
             w = r.clamp(min=tis_min, max=cap)
-        on = (
-            mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)
-        )  # an empty batch reports w = 1
+        # an empty batch reports w = 1
+        on = mask.bool() if mask.any() else torch.ones_like(mask, dtype=torch.bool)
         d = diff.abs()[on]  # (completion tokens,)
         # TRL's meaning of the importance_sampling_ratio metrics: over sequences at level "sequence"
         w_on = (
@@ -370,7 +369,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     scale: "group" A = (r - mean_group) / (std_group + eps)  (GRPO)
            "batch" A = (r - mean_group) / (std_batch + eps)  (less noise from tiny groups)
            "none"  A =  r - mean_group                       (Dr. GRPO: no difficulty bias)
-    A group whose rewards are all equal gets A = 0 exactly (it teaches nothing), never NaN. Returns (N*G,) float32.
+    A group whose rewards are all equal gets A = 0 exactly (it teaches nothing), never NaN.
+    Returns (N*G,) float32.
     """
     r = rewards.detach().to(torch.float64).view(-1, group_size)  # (N, G)
     zero_std = (r.max(dim=1).values == r.min(dim=1).values).unsqueeze(1)  # (N, 1) all-equal groups
@@ -388,7 +388,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     return adv.view(-1).to(torch.float32)
 
 
-# ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table ------------
+# ---- The configuration: one field per flag, its help beside it; the per-stage defaults in one table --------
 
 STAGE_DEFAULTS = {
     0: dict(steps=40, batch_prompts=8, group_size=1, temperature=1.0, lr=1e-4),  # one gold each
@@ -412,9 +412,7 @@ class Config:
     # what to train, from what, on what
     stage: int = flag(1, "0: warm-up on gold; 1: GRPO, answerable; 2: + refusal, half not", choices=[0, 1, 2])
     model: str = flag("builtin", "base model: 'builtin' (SmolLM2-135M-Instruct) or a Hugging Face directory")
-    init: str | None = flag(
-        None, "weights to start from (default: the previous stage's checkpoint, or --model)"
-    )
+    init: str | None = flag(None, "start weights (default: the previous stage's checkpoint, else --model)")
     data: str = flag("builtin", "'builtin' (the synthetic grounded-QA task) or ALCE / Trust-Score JSON(L)")
     gold: str | None = flag(None, "stage 0: JSONL of {id, completion} to imitate (default: written by rule)")
     out: str | None = flag(None, "run directory for metrics, samples and checkpoint/ (default runs/stage{N})")
@@ -426,9 +424,7 @@ class Config:
     top_p: float = flag(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = flag(64, "completion length budget in tokens")
     max_prompt_tokens: int = flag(1024, "longest prompt; longer ones get their document texts cut to fit")
-    prompt_examples: bool = flag(
-        False, "a worked and a refusal example in the prompt (a model without stage 0)"
-    )
+    prompt_examples: bool = flag(False, "a worked and a refusal example in the prompt (no stage 0)")
     # the loss
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
@@ -438,10 +434,15 @@ class Config:
     loss_agg: str = flag("token-mean", "DAPO, GRPO paper, Dr. GRPO (grpo_loss)", choices=list(AGGREGATIONS))
     scale_rewards: str = flag("group", "advantages / std of: group, batch, none (Dr. GRPO)", choices=SCALES)
     is_level: str = flag("token", "the ratio per token (GRPO) or sequence (GSPO)", choices=LEVELS)
-    clip_ratio_c: float | None = flag(
-        None, "dual clip: for A < 0 the loss is at most c * |A|, c > 1", type=float
-    )
-    tis_cap: float | None = flag(None, "truncated IS: weight min(pi_trainer / pi_sampler, cap)", type=float)
+    clip_ratio_c: float | None = flag(None, "dual clip: for A < 0 the loss is <= c * |A|, c > 1", type=float)
+    objective: str = flag("clip", "the policy term: clip (PPO), cispo, sapo (soft gate)", choices=OBJECTIVES)
+    sapo_tau_pos: float = flag(1.0, "SAPO's gate temperature where A > 0")
+    sapo_tau_neg: float = flag(1.05, "SAPO's gate temperature where A < 0")
+    tis_cap: float | None = flag(None, "sampler weight pi_trainer / pi_sampler: upper bound", type=float)
+    tis_min: float | None = flag(None, "... its lower bound (TRL's clip_min; needs --tis-cap)", type=float)
+    tis_mode: str = flag("truncate", "out of bounds: truncate the weight or mask", choices=TIS_MODES)
+    tis_level: str | None = flag(None, "sampler weight per token or sequence (--is-level)", choices=LEVELS)
+    off_policy_mask: float | None = flag(None, "drop A < 0 rows: log(pi_sampler / pi) > DELTA", type=float)
     drop_zero_std_groups: bool = flag(False, "leave groups whose rewards are all equal out of the loss")
     mask_truncated: bool = flag(False, "completions cut at --max-new-tokens leave the loss")
     overlong_buffer: int = flag(0, "DAPO's soft overlong penalty over the budget's last L tokens (0 = off)")
@@ -470,8 +471,8 @@ class Config:
     no_progress: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
-        """Per-stage defaults for the fields not given, then every check: built in code or from the command line,
-        a Config is the same, and a bad one raises ValueError naming the flag."""
+        """Per-stage defaults for the fields not given, then every check: built in code or from the command
+        line, a Config is the same, and a bad one raises ValueError naming the flag."""
         if self.stage not in STAGE_DEFAULTS:
             raise ValueError(f"--stage must be 0, 1 or 2, got {self.stage!r}")
         for name, value in STAGE_DEFAULTS[self.stage].items():
@@ -497,13 +498,20 @@ class Config:
             ),
             (self.ref is None or self.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
             (self.ref is None or self.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
-            (self.clip_ratio_c is None or self.clip_ratio_c > 1, "--clip-ratio-c must be > 1"),
-            (self.tis_cap is None or self.tis_cap > 0, "--tis-cap must be > 0"),
+            (self.tis_cap is None or self.stage > 0, "--tis-cap weighs sampled completions: stage 1 or 2"),
             (0 <= self.overlong_buffer < self.max_new_tokens, "--overlong-buffer: 0 to max-new-tokens - 1"),
         )
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        loss = self.loss_options()
+        check_loss_options(**{k: loss[k] for k in inspect.signature(check_loss_options).parameters})
+
+    def loss_options(self) -> dict:
+        """The keywords of grpo_loss that the flags set."""
+        names = ("eps_low", "eps_high", "beta", "kl", "is_level", "clip_ratio_c", "objective", "sapo_tau_pos")
+        names += ("sapo_tau_neg", "tis_cap", "tis_min", "tis_mode", "tis_level", "off_policy_mask")
+        return dict({k: getattr(self, k) for k in names}, agg=self.loss_agg)
 
 
 def parse_args(argv=None) -> Config:
@@ -517,7 +525,7 @@ def parse_args(argv=None) -> Config:
         p.error(str(e))
 
 
-# ---- The rollout: sample G completions per prompt, score each ----------------------------------------------------
+# ---- The rollout: sample G completions per prompt, score each ----------------------------------------------
 
 
 @dataclass
@@ -555,8 +563,8 @@ def stage_reward_fn(stage):
 
 
 def sample_rollout(model, tokenizer, records, cfg, reward_fn, seed, first_row=0) -> Rollout:
-    """B records -> B*G sampled completions with rewards. Row r draws from the seed of row first_row + r of the
-    global batch, so the split over processes does not change the samples."""
+    """B records -> B*G sampled completions with rewards. Row r draws from the seed of row first_row + r of
+    the global batch, so the split over processes does not change the samples."""
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     eos = eos_token_ids(model, tokenizer)
     with distributed.sampling_weights(model):  # eval mode; under FSDP the weights gathered once for the round
@@ -579,8 +587,8 @@ def sample_rollout(model, tokenizer, records, cfg, reward_fn, seed, first_row=0)
 
 
 def gold_rollout(tokenizer, records, cfg, gold, reward_fn) -> Rollout:
-    """Stage 0, the warm-up: one gold completion per prompt in place of G samples (gold: {record id: completion},
-    the rest written by data.gold_completion)."""
+    """Stage 0, the warm-up: one gold completion per prompt in place of G samples (gold: {record id:
+    completion}, the rest written by data.gold_completion)."""
     built = [training_prompt(r, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples) for r in records]
     ids = [
         tokenizer(gold.get(r.id) or gold_completion(r), add_special_tokens=False)["input_ids"]
@@ -626,7 +634,7 @@ def score_rollout(
 
 
 def gather_rollout(rollout):
-    """The numbers of every completion of the global batch, in rank order, as metrics.batch_metrics takes them."""
+    """The numbers of every completion of the global batch, in rank order, for metrics.batch_metrics."""
     keys = distributed.all_gather_union(k for parts in rollout.components for k in parts)
     G = rollout.group_size
     parts = dict(
@@ -661,7 +669,7 @@ def rows_in_loss(rollout, cfg):
     return keep
 
 
-# ---- The update: mu optimizer steps on one sampled batch -----------------------------------------------------
+# ---- The update: mu optimizer steps on one sampled batch ---------------------------------------------------
 
 
 def lr_at(it, total, cfg):
@@ -685,8 +693,8 @@ LOSS_METRICS = tuple(
 def policy_update(
     model, reference, optimizer, batch, advantages, keep_rows, cfg, opt_step, total_opt_steps, log=print
 ):
-    """cfg.mu optimizer steps on one rollout -> a metrics dict per step. batch: the Rollout on the model's device
-    (Rollout.to); advantages (R,) on that device; keep_rows: the rows in the loss (all, or fewer)."""
+    """cfg.mu optimizer steps on one rollout -> a metrics dict per step. batch: the Rollout on the model's
+    device (Rollout.to); advantages (R,) on that device; keep_rows: the rows in the loss (all, or fewer)."""
     device = batch.comp_ids.device
     # micro-batches, as many on every rank: under FSDP each forward and backward is a collective
     chunks = same_count(micro_batches(keep_rows, cfg.micro_batch, batch.group_size))
@@ -698,13 +706,15 @@ def policy_update(
         log(f"[info] optimizer step {opt_step}: no rows left for the loss; update skipped")
         metrics = dict.fromkeys(LOSS_METRICS, 0.0) | dict(ratio_mean=1.0, ratio_max=1.0)
         return [metrics | dict(loss=0.0, grad_norm=0.0, lr=lr_at(opt_step, total_opt_steps, cfg), skipped=1)]
+    extra = extra_metric_names(cfg.objective, cfg.tis_mode, cfg.tis_cap, cfg.off_policy_mask)
+    metric_names = LOSS_METRICS + extra + (SAMPLER_METRICS if sampler_logp is not None else ())
     old_logp, ref_logp, history = {}, {}, []  # per micro-batch: the sampling policy's and the reference's
     for it in range(cfg.mu):
         lr = lr_at(opt_step + it, total_opt_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        stats = StepMetrics(LOSS_METRICS + (SAMPLER_METRICS if sampler_logp is not None else ()), device)
+        stats = StepMetrics(metric_names, device)
         # the micro-batches' losses add up to the whole step's
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for c, (rows, pids, rows_prompt, w) in enumerate(chunks):
@@ -719,24 +729,11 @@ def policy_update(
                 with torch.no_grad(), off:
                     ref_logp[c] = completion_logprobs(ref_model, *inputs)
             logp, ent = completion_logprobs(model, *inputs, return_entropy=True)  # (r, M) each
+            sampler_rows = None if sampler_logp is None else sampler_logp[rows]
             loss, m = grpo_loss(
-                logp,
-                old_logp.get(c),
-                ref_logp.get(c),
-                advantages[rows],
-                mrows,
-                eps_low=cfg.eps_low,
-                eps_high=cfg.eps_high,
-                beta=cfg.beta,
-                kl=cfg.kl,
-                agg=cfg.loss_agg,
-                num_tokens=num_tokens,
-                num_seqs=num_seqs,
-                is_level=cfg.is_level,
-                clip_ratio_c=cfg.clip_ratio_c,
-                tis_cap=cfg.tis_cap,
-                sampler_logp=None if sampler_logp is None else sampler_logp[rows],
-            )
+                logp, old_logp.get(c), ref_logp.get(c), advantages[rows], mrows, num_tokens=num_tokens,
+                num_seqs=num_seqs, sampler_logp=sampler_rows, **cfg.loss_options(),
+            )  # fmt: skip
             if cfg.mu > 1 and it == 0:  # the sampling policy = these weights before any step: kept for it > 0
                 old_logp[c] = logp.detach()
             memory.release_freed_memory()  # the forward's freed temporaries, before gradients are allocated
@@ -755,9 +752,7 @@ def policy_update(
         ).item()
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         if skipped:  # every rank sees the same all-reduced loss and gradient, so every rank skips together
-            log(
-                f"[warn] optimizer step {opt_step + it}: loss {loss_total}, gradient norm {grad_norm}: skipped"
-            )
+            log(f"[warn] optimizer step {opt_step + it}: loss {loss_total}, grad norm {grad_norm}: skipped")
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
@@ -768,7 +763,7 @@ def policy_update(
     return history
 
 
-# ---- main: set up, then the step loop ------------------------------------------------------------------------
+# ---- main: set up, then the step loop ----------------------------------------------------------------------
 
 
 def main(argv=None, reward_fn=None):
@@ -801,7 +796,7 @@ def main(argv=None, reward_fn=None):
     bar = tqdm(total=last_step, initial=step, disable=rank != 0 or cfg.no_progress, dynamic_ncols=True)
     while step < last_step:
         t0 = time.time()
-        # 1-2. the global batch in the seeded order, this rank's slice of whole groups: G completions each, scored
+        # 1-2. the global batch in the seeded order, this rank's slice of whole groups: G completions each
         global_records, data_pos = next_records(records, data_pos, cfg.batch_prompts * world, cfg.seed)
         local = global_records[rank * cfg.batch_prompts : (rank + 1) * cfg.batch_prompts]
         if (
@@ -868,8 +863,8 @@ def main(argv=None, reward_fn=None):
 
 
 def cli(argv=None):
-    """main() with bad input (a wrong path, a malformed record, an overlong prompt, mismatched models, an --out
-    that holds a run, without --resume) reported in one line, as argparse reports a bad flag, not a traceback."""
+    """main() with bad input (a wrong path, a malformed record, an overlong prompt, mismatched models, an
+    --out that holds a run, without --resume) reported in one line, as argparse reports a bad flag."""
     try:
         return main(argv)
     except (DataError, ModelError, FileExistsError) as e:

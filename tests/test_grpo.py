@@ -820,3 +820,88 @@ def test_bad_input_is_one_line_error(tiny_dir, tmp_path, capsys):
         assert not any("Traceback" in line for line in err)
         assert not (out / "metrics.jsonl").exists()  # stopped before the first step
     assert checkpoint.find_checkpoint(done) == done / "checkpoint"  # the earlier run is still there
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--objective", "cispo"], "cispo_clip_ratio"),
+        (["--objective", "sapo"], "sapo/gate_mean"),
+        (["--tis-cap", "2", "--tis-min", "0.5", "--tis-mode", "mask", "--tis-level", "sequence"],
+         "rollout_corr/rollout_rs_masked_fraction"),
+        (["--off-policy-mask", "0.1"], "off_policy_mask/masked_fraction"),
+    ],
+)  # fmt: skip
+def test_loss_options_from_the_command_line(tiny_dir, tmp_path, flags, key):
+    """Each loss option reaches grpo_loss from its flag: its metric is logged, and the step trains."""
+    hist = grpo.main(run_args(tiny_dir, tmp_path / "run", "--steps", "1", *flags), reward_fn=toy_reward)
+    assert key in hist[0] and math.isfinite(hist[0][key]), hist[0]
+    assert hist[0]["grad_norm"] > 0 and hist[0]["skipped"] == 0
+
+
+def test_config_built_in_code_is_checked_and_resolved_like_the_command_line():
+    """A Config built in code gets its stage's defaults and the same checks as the command line; "off" is None."""
+    two = grpo.Config(stage=2)
+    assert (two.steps, two.batch_prompts, two.group_size, two.temperature, two.lr) == (30, 2, 16, 1.0, 2e-5)
+    assert two == grpo.parse_args(["--stage", "2"]) and two.out == "runs/stage2"
+    assert grpo.Config(stage=2, group_size=4).group_size == 4  # given values win
+    assert grpo.Config().tis_cap is None and grpo.Config().clip_ratio_c is None
+    for bad in (dict(tis_cap=0.0), dict(tis_cap=-1.0), dict(clip_ratio_c=1.0), dict(stage=0, group_size=4),
+                dict(kl="k4"), dict(tis_min=0.5), dict(objective="ppo"), dict(stage=0, tis_cap=2.0)):  # fmt: skip
+        with pytest.raises(ValueError):
+            grpo.Config(**bad)
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in bad.items()]
+        with pytest.raises(SystemExit):
+            grpo.parse_args(flags)
+
+
+def test_where_a_stage_starts_follows_its_own_run_name(tmp_path):
+    """--out runs/expA-stage1 starts from runs/expA-stage0 (not from another experiment's runs/stage0); a name
+    without stage<N> guesses nothing; a resume starts from what its config.json recorded, and a different --init
+    then is an error."""
+    for name in ("stage0", "expB-stage0"):
+        (tmp_path / name / "checkpoint").mkdir(parents=True)
+        tiny_model().save_pretrained(tmp_path / name / "checkpoint")
+    quiet = dict(resuming=False, log=lambda *a: None)
+    a = grpo.Config(stage=1, out=str(tmp_path / "expA-stage1"))
+    assert checkpoint.resolve_init(a, **quiet) == "builtin"  # no expA-stage0: not stage0's weights
+    b = grpo.Config(stage=1, out=str(tmp_path / "expB-stage1"))
+    assert checkpoint.resolve_init(b, **quiet) == str(tmp_path / "expB-stage0" / "checkpoint")
+    assert checkpoint.resolve_init(grpo.Config(stage=1, out=str(tmp_path / "mine")), **quiet) == "builtin"
+    run = tmp_path / "expB-stage1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"init_resolved": "/where/it/started"}))
+    resumed = dict(resuming=True, log=lambda *a: None)
+    assert checkpoint.resolve_init(b, **resumed) == "/where/it/started"
+    with pytest.raises(M.ModelError, match="resume without --init"):
+        checkpoint.resolve_init(replace(b, init="/somewhere/else"), **resumed)
+
+
+def test_a_checkpoint_of_the_older_layout_is_a_one_line_error(tmp_path):
+    """trainer_state.pt holding the whole optimizer state (before the per-rank shards) is refused in one line that
+    says how to go on, not half-restored."""
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"step": 1, "optimizer": {}}, tmp_path / "checkpoint" / "trainer_state.pt")
+    model = tiny_model()
+    with pytest.raises(M.ModelError, match="--init") as e:
+        checkpoint.restore_trainer_state(
+            tmp_path / "checkpoint", model, torch.optim.AdamW(model.parameters())
+        )
+    assert "\n" not in str(e.value)
+
+
+def test_gathered_reward_components_are_the_union_over_rows():
+    """A reward function may give some rows a component others lack: every name is gathered, missing ones as 0."""
+    rollout = toy_rollout([[1, 2]], torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
+    rollout = replace(rollout, records=[data_record()], components=[{"a": 1.0}, {"b": 2.0}])
+    gathered = grpo.gather_rollout(rollout)
+    assert gathered["components"]["a"].tolist() == [1.0, 0.0] and gathered["components"]["b"].tolist() == [
+        0.0,
+        2.0,
+    ]
+
+
+def data_record():
+    import data
+
+    return data.synthetic_records("train", 1, seed=0)[0]
