@@ -870,7 +870,8 @@ def run_section(name, fn, ctx, deadline):
     left = deadline - time.time()
     need = 0 if ctx["tiny"] else NEEDS_S.get(name, 0)
     if left < max(need, 1):
-        return dict(status="skipped", reason=f"{left:.0f} s left of the budget, the section needs ~{need} s")
+        why = f"{max(left, 0):.0f} s left of the budget ({ctx['budget_s']:.0f} s), the section needs ~{max(need, 1)} s"
+        return dict(status="skipped", reason=why)
     t0 = time.perf_counter()
     use_alarm = hasattr(signal, "SIGALRM")
     if use_alarm:
@@ -922,6 +923,9 @@ def headline(entry):
     for k, v in r.items():
         if isinstance(v, dict) and "ms_per_decode_step" in v:
             parts.append(f"{k}: {v['ms_per_decode_step']:.2f} ms/step {v['tokens_per_s']:.0f} tok/s")
+    checks = [c for c in (entry.get("checks") or {}).values() if c["passed"] is not None]
+    if checks:
+        parts.append(f"{sum(c['passed'] for c in checks)}/{len(checks)} checks")
     if "attention_not_math" in (entry.get("checks") or {}):
         parts.append(f"attention={entry['checks']['attention_not_math']['value']}")
     if entry.get("failed_checks"):

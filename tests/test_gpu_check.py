@@ -128,9 +128,9 @@ def test_the_deadline_stops_a_section_and_skips_the_rest(tmp_path, monkeypatch):
     gc = load_script()
     monkeypatch.setitem(gc.SECTIONS, "checks", lambda ctx: time.sleep(60))
     t0 = time.time()
-    r = run_in_process(gc, tmp_path, "--sections", "env,checks,logprob_7b", "--budget-s", "6")
+    r = run_in_process(gc, tmp_path, "--sections", "checks,logprob_7b", "--budget-s", "3")
     assert time.time() - t0 < 20
     s = r["sections"]
-    assert s["env"]["status"] == "passed"
     assert s["checks"]["status"] == "failed" and "deadline" in s["checks"]["error"]
+    assert 2 <= s["checks"]["wall_s"] < 10
     assert s["logprob_7b"]["status"] == "skipped" and "left of the budget" in s["logprob_7b"]["reason"]
