@@ -11,7 +11,7 @@ help:
 	@echo "make test    - run the test suite (sets everything up first)"
 	@echo "make lint    - ruff: the formatting and the rule set of ruff.toml (CI runs it); make format applies them"
 	@echo "make bench   - run the benchmarks under bench/"
-	@echo "make gpu-check - on a CUDA machine: kernels and model on CUDA, the 7B log-prob kernel, bf16 GRPO steps"
+	@echo "make gpu-check - on a CUDA machine: grpo.py stages 0-2 end to end on random 1.5B / 8B (LoRA) checkpoints, checks, speeds"
 
 $(STAMP): requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
