@@ -5,7 +5,8 @@
     collectives         sums, maxima and gathers across ranks (no-ops in one process)
     fp32 masters        bf16 compute with fp32 master weights in one process: the optimizer steps the masters
     FSDP2               each block, then the root, sharded over all ranks; gathered once per sampling round
-    load_models         the policy (and the frozen reference) in that layout
+    load_models         the policy (and the frozen reference) in that layout; under FSDP built on the meta device,
+                        sharded, then each rank reads only its rows of the safetensors (torch.distributed.checkpoint)
 
 What is saved and when lives in checkpoint.py; how much memory all this takes, in memory.py.
 """
