@@ -5,7 +5,8 @@
     collectives         sums, maxima and gathers across ranks (no-ops in one process)
     fp32 masters        bf16 compute with fp32 master weights in one process: the optimizer steps the masters
     FSDP2               each block, then the root, sharded over all ranks; gathered once per sampling round
-    load_models         the policy (and the frozen reference) in that layout
+    load_models         the policy (and the frozen reference) in that layout; under FSDP built on the meta device,
+                        sharded, then each rank reads only its rows of the safetensors (torch.distributed.checkpoint)
 
 What is saved and when lives in checkpoint.py; how much memory all this takes, in memory.py.
 """
@@ -17,14 +18,26 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.futures import Future
 
 import memory
 from builtin import resolve_model_path
 from memory import DTYPES
-from model import ModelError, Transformer, add_lora, load_tokenizer, read_json
+from model import (
+    ModelError,
+    Transformer,
+    add_lora,
+    check_tensors,
+    load_tokenizer,
+    read_json,
+    safetensors_shapes,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; each process holds whole groups (B prompts x G rows)
@@ -158,13 +171,15 @@ def with_master_weights(model, optimizer):
 _mesh = None
 
 
-def shard(model, dtype):
+def shard(model, dtype, device=None):
     """FSDP2: each block, then the root (embeddings, final norm, head), sharded over all ranks; parameters are
     gathered in `dtype` for compute and gradients reduce-scattered in fp32. The gradients are summed, not averaged:
-    each rank's loss is already divided by the whole step's token count."""
+    each rank's loss is already divided by the whole step's token count. device: where the shards will live
+    (default: where the parameters are; a model on the meta device needs it)."""
     global _mesh
     if _mesh is None:
-        _mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        _mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=_mesh, mp_policy=mp)
@@ -214,8 +229,11 @@ def load_models(cfg, weights, init, device, dtype_name):
     """-> (policy, reference or None). The policy starts from `weights` (init, or a checkpoint when resuming).
     The reference is the frozen start of this stage, `init` (or `--ref`): with LoRA the same module with adapters
     off; otherwise a frozen copy, and none at all when beta == 0. Trained weights load in fp32 and stay fp32 (the
-    master copy: fp32 shards under FSDP, else fp32 copies beside a bf16 model); frozen weights load in dtype."""
+    master copy: fp32 shards under FSDP, else fp32 copies beside a bf16 model); frozen weights load in dtype.
+    Under FSDP each rank reads only its shard of the file(s) (load_sharded_models)."""
     dtype = DTYPES[dtype_name]
+    if distributed():
+        return load_sharded_models(cfg, weights, init, device, dtype)
     policy = Transformer.from_pretrained(resolve_model_path(weights), dtype=torch.float32, device=device)
     reference = None
     if cfg.lora_rank > 0:
@@ -226,23 +244,87 @@ def load_models(cfg, weights, init, device, dtype_name):
                 p.data = p.data.to(dtype)  # the frozen base: no master copy
         policy.to(device)
     elif cfg.beta > 0:
-        ref_path = resolve_model_path(cfg.ref or init)
-        reference = Transformer.from_pretrained(ref_path, dtype=dtype, device=device)
+        reference = Transformer.from_pretrained(
+            resolve_model_path(cfg.ref or init), dtype=dtype, device=device
+        )
         reference.eval().requires_grad_(False)
-        if reference.config.vocab_size != policy.config.vocab_size:  # log-probs of the same ids must agree
-            raise ModelError(
-                f"--ref {cfg.ref}: its vocabulary has {reference.config.vocab_size} tokens, the "
-                f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer"
-            )
+        check_reference_vocabulary(cfg, policy, reference)
     if cfg.grad_checkpoint:
         policy.gradient_checkpointing = True
-    if distributed():
-        shard(policy, dtype)
-        if reference is not None:
-            shard(reference, dtype)
-    elif dtype != torch.float32:
+    if dtype != torch.float32:
         keep_master_weights(policy, dtype)
     return policy, reference
+
+
+def check_reference_vocabulary(cfg, policy, reference):
+    if reference.config.vocab_size != policy.config.vocab_size:  # log-probs of the same ids must agree
+        raise ModelError(
+            f"--ref {cfg.ref}: its vocabulary has {reference.config.vocab_size} tokens, the "
+            f"policy's {policy.config.vocab_size}; the KL needs the policy's tokenizer"
+        )
+
+
+def load_sharded_models(cfg, weights, init, device, dtype):
+    """load_models under FSDP2: each model built on the meta device, sharded, materialized empty on `device`, then
+    filled with this rank's dim-0 shard of the safetensors (load_shards): no rank holds a whole copy. The LoRA
+    adapters are drawn on the host as in one process (same seed, same draws) and each rank keeps its shard."""
+    policy = Transformer.on_meta(resolve_model_path(weights), dtype=torch.float32)
+    reference, adapters = None, {}
+    if cfg.lora_rank > 0:
+        torch.manual_seed(cfg.seed)  # adapter init is part of the seeded run
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha)  # no meta context: the adapters are drawn on the host
+        adapters = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        for p in policy.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)  # the frozen base: no master copy
+        policy.to("meta")  # the adapters too, until every parameter is materialized as a shard
+    elif cfg.beta > 0:
+        reference = Transformer.on_meta(resolve_model_path(cfg.ref or init), dtype=dtype)
+        reference.eval().requires_grad_(False)
+        check_reference_vocabulary(cfg, policy, reference)
+    if cfg.grad_checkpoint:
+        policy.gradient_checkpointing = True
+    for model, path in ((policy, weights), (reference, cfg.ref or init)):
+        if model is None:
+            continue
+        shard(model, dtype, device)
+        model.to_empty(
+            device=device
+        )  # this rank's shards, uninitialized; Transformer._apply recomputes inv_freq
+        load_shards(model, resolve_model_path(path))
+    named = dict(policy.named_parameters())
+    with torch.no_grad():
+        for n, t in adapters.items():  # every rank drew the same full tensor: each keeps its own rows
+            p = named[n]
+            p.copy_(distribute_tensor(t.to(device), p.device_mesh, p.placements, src_data_rank=None))
+    return policy, reference
+
+
+def load_shards(model, path):
+    """Fill a sharded (FSDP2), materialized model from a Hugging Face directory: torch.distributed.checkpoint's
+    HuggingFaceStorageReader reads each DTensor's local rows (safetensors slices) and casts them to its dtype. The
+    names are the file's (a LoRA layer's base weight under its plain name); the adapters are not in the file."""
+    path = Path(path)
+    state = {n.replace(".base.", "."): t for n, t in model.state_dict().items() if ".lora_" not in n}
+    shapes = {n: t.shape for n, t in state.items()}
+    check_tensors(path, shapes, safetensors_shapes(path), model.config.tie_word_embeddings)
+    dcp.load(state, storage_reader=TensorAtATimeReader(str(path)))
+
+
+class TensorAtATimeReader(HuggingFaceStorageReader):
+    """HuggingFaceStorageReader with the file opened for each tensor: the pages a tensor's rows were read from are
+    unmapped before the next, so a rank holds one tensor's rows of the file at a time, not all of its rows (the
+    stock reader keeps each file open, and its pages resident, until every tensor of it is read)."""
+
+    def read_data(self, plan, planner):
+        from safetensors import safe_open
+
+        for req in plan.items:
+            with safe_open(self.storage_data[req.storage_index].relative_path, framework="pt") as f:
+                self._process_read_request(f, req, planner)
+        done = Future()
+        done.set_result(None)
+        return done
 
 
 def load_run_models(cfg, ckpt, init, device, dtype, world, log):

@@ -3,7 +3,8 @@ memory the C allocator holds back to the OS.
 
     memory_plan  {term: bytes per rank} and the peak: weights, fp32 masters, AdamW, the reference, then the larger of
                  the sampling phase (gathered weights, KV cache, logits) and the training phase (gradients,
-                 activations); grpo.py prints it and checks it fits before loading (bench/memory_table.py uses it too)
+                 activations), or the load if it is larger; grpo.py prints it and checks it fits before loading
+                 (bench/memory_table.py uses it too)
     glibc        malloc_trim before each forward and backward; under torchrun, large blocks mapped so that freeing
                  them returns them (no-ops without glibc)
 
@@ -108,7 +109,14 @@ def memory_plan(hf, cfg, world=1, dtype=None) -> dict:
     sampling = plan["sampling_gathered"] + plan["kv_cache"] + plan["sampling_logits"]
     # backward frees activations as it allocates gradients: the output layer's gradient comes first, at the fullest
     head = c.vocab_size * c.hidden_size * 4 / n if cfg.lora_rank == 0 else 0
-    plan["peak"] = persistent + max(sampling, plan["activations"] + head, plan["gradients"])
+    # loading, before the optimizer exists: under FSDP each rank reads one tensor's rows at a time (the file's pages
+    # mapped for them, and the tensor read out of them, at most the largest tensor's); one process reads every
+    # tensor whole (the mapped file beside the tensors it was copied into) and casts them to fp32 when the file is not
+    file_b = DTYPES.get(hf.get("torch_dtype") or hf.get("dtype") or "float32", torch.float32).itemsize
+    largest = c.vocab_size * c.hidden_size
+    plan["load"] = 2 * largest * file_b / n if world > 1 else P * file_b + (P * 4 if file_b != 4 else 0)
+    at_load = plan["weights"] + plan["reference"] + plan["runtime"] + plan["load"]
+    plan["peak"] = max(persistent + max(sampling, plan["activations"] + head, plan["gradients"]), at_load)
     plan["parameters"], plan["trained_parameters"] = P, Pt
     return plan
 
@@ -138,7 +146,8 @@ def format_plan(plan, cfg, world, dtype):
         f"[memory] plan per rank ({what}; GB): weights {gb('weights')}, fp32 masters {gb('masters')}, "
         f"optimizer {gb('optimizer')}, reference {gb('reference')}, runtime {gb('runtime')}; sampling: gathered "
         f"weights {gb('sampling_gathered')}, KV cache {gb('kv_cache')}, logits {gb('sampling_logits')}; "
-        f"training: gradients {gb('gradients')}, activations ~{gb('activations')} -> peak ~{gb('peak')} GB"
+        f"training: gradients {gb('gradients')}, activations ~{gb('activations')}; load: file read {gb('load')} "
+        f"-> peak ~{gb('peak')} GB"
     ]
 
 

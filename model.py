@@ -334,27 +334,22 @@ class Transformer(nn.Module):
             model = cls(cfg)
         state = load_safetensors_dir(path)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        for name, shape in expected.items():
-            if name not in state:
-                raise ModelError(f"{path}: tensor {name!r} missing from the checkpoint")
-            if tuple(state[name].shape) != tuple(shape):
-                raise ModelError(
-                    f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}"
-                )
-        ignorable = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-        extra = [
-            k
-            for k in state
-            if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq")
-        ]
-        if extra:
-            raise ModelError(
-                f"{path}: unexpected tensor {extra[0]!r} in the checkpoint ({len(extra)} in all)"
-            )
+        check_tensors(path, expected, {k: v.shape for k, v in state.items()}, cfg.tie_word_embeddings)
         state = {k: state[k].to(dtype) for k in expected}
         model.load_state_dict(state, assign=True)
         model.inv_freq = rope_inv_freq(cfg)
         return model.to(device)
+
+    @classmethod
+    def on_meta(cls, path, dtype=torch.float32) -> "Transformer":
+        """The model of a Hugging Face directory without its weights: parameters on the meta device in dtype
+        (the rotary frequencies fp32), to be sharded, materialized (to_empty) and then loaded."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelError(f"{path}: model directory not found")
+        cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
+        with torch.device("meta"):
+            return cls(cfg).to(dtype)
 
     def save_pretrained(self, path, tokenizer=None, state=None):
         """Write config.json + model.safetensors (+ tokenizer files): the layout transformers loads. state: the
@@ -404,22 +399,57 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def load_safetensors_dir(path: Path) -> dict:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    from safetensors.torch import load_file
+def check_tensors(path, expected: dict, found: dict, tie_word_embeddings: bool):
+    """A one-line ModelError for a tensor of `expected` (name -> shape) missing from `found` (the checkpoint's
+    name -> shape) or of another shape, or for a tensor the model does not have."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise ModelError(f"{path}: tensor {name!r} missing from the checkpoint")
+        if tuple(found[name]) != tuple(shape):
+            raise ModelError(
+                f"{path}: tensor {name!r} has shape {tuple(found[name])}, expected {tuple(shape)}"
+            )
+    ignorable = ("lm_head.weight",) if tie_word_embeddings else ()
+    extra = [
+        k for k in found if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq")
+    ]
+    if extra:
+        raise ModelError(f"{path}: unexpected tensor {extra[0]!r} in the checkpoint ({len(extra)} in all)")
 
+
+def safetensors_files(path: Path) -> list:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return [single]
     if index.is_file():
         shards = sorted(set(read_json(index)["weight_map"].values()))
-        state = {}
         for shard in shards:
             if not (path / shard).is_file():
                 raise ModelError(f"{path / shard}: shard listed in {index.name} not found")
-            state.update(load_file(str(path / shard)))
-        return state
+        return [path / shard for shard in shards]
     raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_safetensors_dir(path: Path) -> dict:
+    """Every tensor of the directory's safetensors file(s), read whole into host memory."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in safetensors_files(path):
+        state.update(load_file(str(f)))
+    return state
+
+
+def safetensors_shapes(path: Path) -> dict:
+    """{name: shape} of the directory's safetensors file(s), from their headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in safetensors_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+    return shapes
 
 
 def load_tokenizer(path):
