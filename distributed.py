@@ -288,9 +288,7 @@ def load_sharded_models(cfg, weights, init, device, dtype):
         if model is None:
             continue
         shard(model, dtype, device)
-        model.to_empty(
-            device=device
-        )  # this rank's shards, uninitialized; Transformer._apply recomputes inv_freq
+        model.to_empty(device=device)  # this rank's shards, uninitialized; _apply recomputes inv_freq
         load_shards(model, resolve_model_path(path))
     named = dict(policy.named_parameters())
     with torch.no_grad():
