@@ -1,6 +1,7 @@
 """The trainer's log-probs of sampled completions, and the micro-batches they are computed in.
 
-    pack_groups          each prompt once with its completions packed behind it, and the block mask between them
+    pack_groups          each prompt once with its completions packed behind it, and the segment ids from which the
+                         model builds the block mask between them on the device
     completion_logprobs  log pi(o_t | q, o_<t) from logits / temperature, through the fused log-prob kernel
     micro_batches        rows -> micro-batches with the prompts they need; same_count pads the count over ranks
 
@@ -28,8 +29,9 @@ from kernels import fused_linear_logprobs
 
 def pack_groups(prompts, comp_ids, lengths, rows_prompt, pad_id=0):
     """prompts: P token lists; comp_ids (R, M); lengths (R,) real tokens per row; rows_prompt (R,) prompt of each row.
-    -> ids (P, S), positions (P, S), mask (P, 1, S, S) bool (True = may attend), index (R, M) into the flattened
-    (P * S) outputs: the position whose output predicts completion token t of row r (0 where t >= lengths[r])."""
+    -> ids (P, S), positions (P, S), segment ids (P, S) (0 the prompt, r + 1 row r's tokens, -1 padding: the block
+    mask is model.packed_attention_mask of them, built where they are), index (R, M) into the flattened (P * S)
+    outputs: the position whose output predicts completion token t of row r (0 where t >= lengths[r])."""
     R, M = comp_ids.shape
     seqs, segs, poss = [], [], []
     index = torch.zeros(R, M, dtype=torch.long)
@@ -53,12 +55,7 @@ def pack_groups(prompts, comp_ids, lengths, rows_prompt, pad_id=0):
     for p in range(len(prompts)):
         index[rows_prompt == p] += p * S
     index[torch.arange(M)[None, :] >= lengths[:, None]] = 0
-    q_seg, k_seg = seg[:, :, None], seg[:, None, :]  # (P, S, 1), (P, 1, S)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()  # key at or before the query
-    # a key is visible if it is earlier and in the prompt or in the query's own row; padding sees only itself
-    mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0) & (q_seg >= 0)
-    mask |= torch.eye(S, dtype=torch.bool)
-    return ids, pos, mask[:, None], index
+    return ids, pos, seg, index
 
 
 def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temperature, return_entropy=False):
@@ -79,12 +76,13 @@ def completion_logprobs(model, prompts, comp_ids, comp_mask, rows_prompt, temper
     logprobs = lambda hidden, w: fused_linear_logprobs(
         hidden.reshape(R * M, -1), w, labels, temperature=temperature, return_entropy=return_entropy
     )
-    ids, pos, mask, index = pack_groups(prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu())
+    # packed on the host from small (P, S) and (R, M) tensors; the (P, 1, S, S) mask is built on the device
+    ids, pos, seg, index = pack_groups(prompts, comp_ids.cpu(), comp_mask.sum(1).cpu(), rows_prompt.cpu())
     index = index.to(device)
     out = model(
         ids.to(device),
-        attention_mask=mask.to(device),
         position_ids=pos.to(device),
+        segment_ids=seg.to(device),
         head=lambda h, w: logprobs(h.reshape(-1, h.shape[-1])[index], w),  # h (P, S, H) -> (R, M, H)
     )
     pad = lambda x: F.pad(x.view(R, M), (0, M_full - M))  # back to (R, M_full)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, ModelError, Transformer, add_lora
+from model import MASK_ALIGN, ModelConfig, ModelError, Transformer, add_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -89,6 +89,9 @@ def memory_plan(hf, cfg, world=1, dtype=None) -> dict:
     kept = (
         4 * c.hidden_size + 2 * q + 2 * kv + 2 * c.intermediate_size
     )  # what autograd keeps per token and layer
+    # on CUDA, K/V repeated to every query head where the masked fused kernels do not take grouped heads (model.py)
+    kept += 2 * (q - kv)
+    S_stored = -(-S // MASK_ALIGN) * MASK_ALIGN  # the mask's rows as stored for the fused kernels
     layers_kept = 1 if cfg.grad_checkpoint else c.num_hidden_layers
     plan = dict(
         weights=(Pt * (b if single_bf16 else 4) + (P - Pt) * b) / n,
@@ -102,7 +105,7 @@ def memory_plan(hf, cfg, world=1, dtype=None) -> dict:
         activations=tokens
         * (kept * layers_kept + (c.hidden_size * c.num_hidden_layers if cfg.grad_checkpoint else 0))
         * b
-        + prompts * S * S * (b + 1),  # + the packed masks (P, 1, S, S), boolean and additive
+        + prompts * S * S_stored * b,  # + the packed mask (P, 1, S, S), additive, built on the device
         runtime=RUNTIME_BYTES,
     )
     persistent = sum(plan[k] for k in ("weights", "masters", "optimizer", "reference", "runtime"))

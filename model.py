@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from kernels import block_autograd as lean
@@ -29,7 +30,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 class ModelError(ValueError):
-    """A one-line error about a checkpoint: missing file, unsupported config, wrong tensor."""
+    """A one-line error about a checkpoint (missing file, unsupported config, wrong tensor), or about a model that
+    cannot run as asked (no fused attention kernel on CUDA)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,13 +221,82 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, n_kv, S, hd): everything cached so far plus this chunk
-        if cache is not None and T == 1 and x.device.type == "cpu":  # SDPA's CPU kernel is slow for one query
-            y = decode.single_query_attention(q, k, v, mask)  # (B, nh, 1, hd)
+        if cache is not None and T == 1:  # decode: one query, no K/V repeated, no fused kernel needed
+            # float32 scores on CUDA for 16-bit models, as the fused kernels keep them
+            fp32_scores = x.device.type == "cuda" and x.dtype != torch.float32
+            y = decode.single_query_attention(q, k, v, mask, fp32_scores=fp32_scores)  # (B, nh, 1, hd)
+        elif fused_kernels_only(x.device):
+            y = fused_attention(q, k, v, mask, is_causal=mask is None and T > 1)  # (B, nh, T, hd)
         else:  # grouped-query attention: each group of n_head / n_kv query heads shares one key/value head
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head
             )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+# Which CUDA SDPA kernels take what (torch 2.13, aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and the
+# scaled_dot_product_attention docs): flash takes no mask; cuDNN and memory-efficient take an additive
+# (B or 1, 1, T, S) mask; grouped K/V heads (enable_gqa) are documented for flash only, so whether another kernel
+# takes them is asked of torch (takes_grouped_kv) and K/V are repeated when none does. The math backend is never
+# allowed: it holds fp32 scores (B, heads, T, S) per layer.
+MASKED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+UNMASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, *MASKED_BACKENDS]
+CAN_USE = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.can_use_flash_attention,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.can_use_efficient_attention,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.can_use_cudnn_attention,
+}
+# the memory-efficient kernel copies (per call, kept for backward) a mask whose row stride is not a multiple of 8
+MASK_ALIGN = 16
+
+
+def fused_kernels_only(device) -> bool:
+    """CUDA: attention by a fused SDPA kernel or an error. The CPU keeps SDPA's own choice (math is fine there)."""
+    return device.type == "cuda"
+
+
+def fused_backends(masked: bool) -> list:
+    """The SDPA kernels allowed on CUDA: the fused ones that take an attention mask when there is one."""
+    return MASKED_BACKENDS if masked else UNMASKED_BACKENDS
+
+
+def takes_grouped_kv(q, k, v, mask, is_causal, backends) -> bool:
+    """Whether one of `backends` runs these tensors with K/V heads shared by groups of query heads (enable_gqa)."""
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, is_causal, True)
+    return any(CAN_USE[b](params, False) for b in backends)
+
+
+def repeat_kv(k, groups):
+    """(B, n_kv, S, hd) -> (B, n_kv * groups, S, hd): key/value head h // groups for query head h, as enable_gqa."""
+    B, n_kv, S, hd = k.shape
+    return k[:, :, None].expand(B, n_kv, groups, S, hd).reshape(B, n_kv * groups, S, hd)
+
+
+def fused_attention(q, k, v, mask=None, is_causal=False, backends=None):
+    """softmax(q k^T / sqrt(hd) + mask) v by a fused SDPA kernel only: q (B, nh, T, hd), k, v (B, n_kv, S, hd), mask
+    additive (B or 1, 1, T, S) or None -> (B, nh, T, hd). When no kernel can run, a one-line ModelError instead of
+    the math backend's silent fallback. backends: the kernels allowed (default fused_backends)."""
+    backends = backends or fused_backends(mask is not None)
+    nh, n_kv = q.shape[1], k.shape[1]
+    gqa = nh != n_kv
+    if gqa and not takes_grouped_kv(q, k, v, mask, is_causal, backends):
+        # transient (B, nh, S, hd) copies, kept for backward in place of k and v: nh / n_kv x their size
+        k, v, gqa = repeat_kv(k, nh // n_kv), repeat_kv(v, nh // n_kv), False
+    try:
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+            )
+    except RuntimeError as e:
+        if "No available kernel" not in str(e) and "No viable backend" not in str(e):
+            raise
+        names = "/".join(b.name.lower() for b in backends)
+        shown = f"a {tuple(mask.shape)} mask" if mask is not None else "no mask"
+        raise ModelError(
+            f"attention: no fused kernel ({names}) runs q {tuple(q.shape)} {str(q.dtype).removeprefix('torch.')}"
+            f" with {shown}, and the math fallback would hold fp32 scores of every head: use --dtype bfloat16,"
+            f" a smaller --micro-batch or fewer --max-new-tokens"
+        ) from None
 
 
 class MLP(nn.Module):
@@ -290,10 +361,13 @@ class Transformer(nn.Module):
         """(V, H) output projection: the input embedding when tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, head=None):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, head=None, segment_ids=None
+    ):
         """input_ids (B, T); attention_mask (B, T) or, with a cache, (B, S) over cache + new tokens: 1 = real
-        token, 0 = left padding; or a ready (B, 1, T, T) boolean mask (True = may attend) with position_ids, for
-        packed sequences. Returns logits (B, T, V), or head(final-norm hidden states (B, T, H), lm_head_weight):
+        token, 0 = left padding; or a ready (B, 1, T, T) boolean mask (True = may attend). Packed sequences:
+        segment_ids (B, T) with position_ids (packed_attention_mask says what they mean), the mask built from them
+        on their device. Returns logits (B, T, V), or head(final-norm hidden states (B, T, H), lm_head_weight):
         run inside forward, where a sharded (FSDP) model holds its gathered output weight."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
@@ -302,14 +376,16 @@ class Transformer(nn.Module):
             position_ids = default_position_ids(attention_mask, B, past, T, input_ids.device)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         mask = attention_mask
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if segment_ids is not None:
+            mask = packed_attention_mask(segment_ids)  # (B, 1, T, T)
+        elif attention_mask is not None and attention_mask.dim() == 2:
             mask = attention_mask_4d(attention_mask, past, T)
         if mask is None and cache is not None and past > 0:
             mask = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=x.device).tril(past)
         if mask is not None:
             # additive form once here (what SDPA would build from a boolean mask in every layer): all layers then
             # share one mask tensor, also the one that backward keeps
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            mask = additive_mask(mask, x.dtype, MASK_ALIGN if fused_kernels_only(x.device) else 1)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
@@ -376,6 +452,28 @@ def default_position_ids(attention_mask, B, past, T, device):
         return torch.arange(past, past + T, device=device).expand(B, T)
     pos = attention_mask.long().cumsum(-1) - 1  # (B, S)
     return pos[:, past : past + T].clamp(min=0)
+
+
+def additive_mask(allowed, dtype, align=1):
+    """(B, 1, T, S) boolean (True = may attend) -> the same shape in dtype, 0 where allowed and -inf elsewhere; its
+    rows stored a multiple of `align` elements apart (padding past S, never read), the layout fused kernels take."""
+    B, _, T, S = allowed.shape
+    stored = -(-S // align) * align
+    bias = torch.full((B, 1, T, stored), float("-inf"), dtype=dtype, device=allowed.device)[..., :S]
+    return bias.masked_fill_(allowed, 0.0)
+
+
+def packed_attention_mask(segment_ids):
+    """(P, S) segment ids of packed sequences -> (P, 1, S, S) boolean, True = may attend, on their device. Segment
+    0 is the shared prefix (the prompt), r > 0 one row's own tokens, -1 padding: a query sees the earlier keys of
+    the prefix and of its own segment; padding sees only itself (SDPA never returns NaN for it)."""
+    S = segment_ids.shape[1]
+    i = torch.arange(S, device=segment_ids.device)
+    q_seg, k_seg = segment_ids[:, :, None], segment_ids[:, None, :]  # (P, S, 1), (P, 1, S)
+    visible = (k_seg == 0) | (k_seg == q_seg)  # (P, S, S)
+    visible &= (i[None, :] <= i[:, None]) & (q_seg >= 0)  # causal, and padding queries see no other key
+    visible |= i[None, :] == i[:, None]
+    return visible[:, None]
 
 
 def attention_mask_4d(attention_mask, past, T):

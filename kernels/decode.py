@@ -5,6 +5,9 @@ with the measurements: bench/README-generate.md.
     rows_linear(x, weight, bias)           F.linear(x, weight, bias)
     output_logits(h, weight)               F.linear(h, weight).float()
     single_query_attention(q, k, v, mask)  F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True), one query
+
+single_query_attention is the decode step's attention on CUDA too: no key/value repeated per query head and no
+fused kernel needed for one query.
 """
 
 import torch
@@ -35,16 +38,23 @@ def output_logits(h, weight):
     return F.linear(h, weight).float()
 
 
-def single_query_attention(q, k, v, mask=None):
+def single_query_attention(q, k, v, mask=None, fp32_scores=False):
     """softmax(q k^T / sqrt(hd) + mask) v for one query per row: q (B, nh, 1, hd), k, v (B, n_kv, S, hd), mask
     additive, broadcastable to (B, 1, 1, S), or None -> (B, nh, 1, hd). The nh / n_kv query heads that share a
-    key/value head are the rows of one product, so each cached key and value is read once per step."""
+    key/value head are the rows of one product, so each cached key and value is read once per step and none is
+    repeated. fp32_scores (CUDA, 16-bit inputs): scores and softmax in float32 from bmm's out_dtype, the
+    probabilities rounded to v's dtype for the product with v, as the fused SDPA kernels do."""
     B, nh, _, hd = q.shape
-    n_kv = k.shape[1]
+    n_kv, S = k.shape[1], k.shape[2]
     qg = q.reshape(
         B, n_kv, nh // n_kv, hd
     )  # query head h reads key/value head h // (nh / n_kv), as SDPA's GQA does
-    s = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, n_kv, nh / n_kv, S)
+    if fp32_scores:  # bmm's out_dtype overload runs on CUDA only; (B * n_kv, S, hd) is a view of the cache
+        kt = k.reshape(B * n_kv, S, hd).transpose(1, 2)
+        s = torch.bmm(qg.reshape(B * n_kv, nh // n_kv, hd), kt, out_dtype=torch.float32).view(B, n_kv, -1, S)
+    else:
+        s = torch.matmul(qg, k.transpose(-1, -2))  # (B, n_kv, nh / n_kv, S)
+    s = s * hd**-0.5
     if mask is not None:
         s = s + mask
-    return torch.matmul(s.softmax(-1), v).reshape(B, nh, 1, hd)
+    return torch.matmul(s.softmax(-1).to(v.dtype), v).reshape(B, nh, 1, hd)

@@ -137,12 +137,14 @@ def test_pack_groups_hand_example():
     """Two prompts, three rows (lengths 3, 2, 2; rows 0 and 2 share prompt 0), packed by hand."""
     prompts = [[11, 12, 13], [21, 22]]
     comp = torch.tensor([[31, 32, 2, 0], [41, 2, 0, 0], [51, 2, 0, 0]])
-    ids, pos, mask, index = logprobs.pack_groups(
+    ids, pos, seg, index = logprobs.pack_groups(
         prompts, comp, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 0])
     )
     # the last token of each row is never an input; pack 1 is padded to the length of pack 0
     assert ids.tolist() == [[11, 12, 13, 31, 32, 51], [21, 22, 41, 0, 0, 0]]
     assert pos.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 0, 0, 0]]
+    assert seg.tolist() == [[0, 0, 0, 1, 1, 3], [0, 0, 2, -1, -1, -1]]  # 0 prompt, r + 1 row r, -1 padding
+    mask = M.packed_attention_mask(seg)  # what the model builds from them, on their device
     # row 0: o_0 from the last prompt token (2), o_1 from 31 (3), o_2 from 32 (4); row 1 lives in pack 1 (+6)
     assert index.tolist() == [[2, 3, 4, 0], [7, 8, 0, 0], [2, 5, 0, 0]]
     assert mask.shape == (2, 1, 6, 6)
