@@ -171,6 +171,10 @@ def eos_token_ids(model, tokenizer) -> tuple:
 def _last_logits(h, w):
     """The head generate runs inside forward (FSDP holds the gathered output weight there): (B, T, H) -> (B, V)
     float32 logits at the last position."""
+    if (
+        torch.compiler.is_compiling()
+    ):  # oneDNN's product (output_logits) does not lower with the weight an input
+        return F.linear(h[:, -1], w).float()
     return decode.output_logits(h[:, -1], w)
 
 

@@ -180,13 +180,13 @@ def test_row_finishing_between_checks_is_masked_and_padded(model):
 
 
 def test_compiled_step_equals_the_old_loop(model):
-    """compile=True on CPU (torch.compile's default mode, inductor): the same tokens, log-probs to 1e-5 (inductor
-    fuses and reorders float32 sums)."""
+    """compile=True on CPU (torch.compile's default mode, inductor's C++ kernels; CUDA graphs need CUDA): the same
+    tokens, log-probs to 1e-5 (inductor fuses and reorders float32 sums). One setting, sampled with stop strings:
+    each batch size the rows compact into is one more compilation, tens of seconds each on CPU."""
     try:
         import torch._inductor  # noqa: F401
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"torch.compile unavailable here ({e})")
-    for settings, stops in ((SETTINGS[1], True), (SETTINGS[0], False)):
-        (ids0, mask0, logp0), (ids1, mask1, logp1) = run_both(model, settings, stops, compile=True)
-        assert torch.equal(ids0, ids1) and torch.equal(mask0, mask1)
-        torch.testing.assert_close(logp1, logp0, rtol=0, atol=1e-5)
+    (ids0, mask0, logp0), (ids1, mask1, logp1) = run_both(model, SETTINGS[1], True, compile=True)
+    assert torch.equal(ids0, ids1) and torch.equal(mask0, mask1)
+    torch.testing.assert_close(logp1, logp0, rtol=0, atol=1e-5)
