@@ -1,10 +1,14 @@
 """The sampler: G completions per prompt from a KV cache, each prompt prefilled once, for training and eval.py.
 
-    KVCache      preallocated keys and values per layer
+    KVCache      preallocated keys and values per layer; rows compact in place; static: fixed shapes for CUDA graphs
     row_uniforms one seeded uniform per (row, step): a row's tokens depend on its seed, not on its batch
     sample_next  temperature, top-k, top-p by inverse CDF; the token's log-prob under softmax(logits / T)
-    generate     prefill the N prompts, copy each prompt's cache into its G rows, decode until EOS or a stop
-                 string (kernels/stop_strings.py, matched on token ids)
+    generate     prefill the N prompts into their G rows each, decode until EOS or a stop string
+                 (kernels/stop_strings.py, matched on token ids); two loops over one step function (_step):
+                 eager (the CPU's default): finished rows leave the batch at once, attention reads the filled cache;
+                 fixed shapes (static, CUDA's default and --compile's): finished rows masked, the host looking
+                 every STATIC_CHECK_EVERY steps, compaction only into batch_sizes(rows), attention over the whole
+                 zero-filled cache under a mask kept in place; compile=True compiles _step (CUDA graphs on CUDA)
 
 The log-probs the trainer recomputes for the same tokens are logprobs.py's; the model itself is model.py's.
 """
@@ -171,9 +175,8 @@ def eos_token_ids(model, tokenizer) -> tuple:
 def _last_logits(h, w):
     """The head generate runs inside forward (FSDP holds the gathered output weight there): (B, T, H) -> (B, V)
     float32 logits at the last position."""
-    if (
-        torch.compiler.is_compiling()
-    ):  # oneDNN's product (output_logits) does not lower with the weight an input
+    # compiled: inductor picks the product; oneDNN's (output_logits) does not lower with the weight an input
+    if torch.compiler.is_compiling():
         return F.linear(h[:, -1], w).float()
     return decode.output_logits(h[:, -1], w)
 
@@ -190,9 +193,8 @@ _compiled = {}  # mode -> torch.compile(_step): compiled once per process, its g
 
 
 def _compiled_step(device):
-    mode = (
-        "reduce-overhead" if device.type == "cuda" else None
-    )  # CUDA graphs on CUDA; inductor's default on CPU
+    # CUDA graphs on CUDA; inductor's default mode on CPU
+    mode = "reduce-overhead" if device.type == "cuda" else None
     if mode not in _compiled:
         _compiled[mode] = torch.compile(_step, mode=mode)
     return _compiled[mode]
@@ -272,9 +274,8 @@ def generate(
         cache.length.fill_(L)
     else:
         cache.length = L
-    attn = torch.zeros(
-        rows, 1, 1, S, dtype=torch.bool, device=device
-    )  # (rows, 1, 1, S) keys each row may see
+    # (rows, 1, 1, S) the keys each row may see: its real prompt tokens, then each token it was fed
+    attn = torch.zeros(rows, 1, 1, S, dtype=torch.bool, device=device)
     attn[:, 0, 0, :L] = mask.bool().repeat_interleave(G, 0)
     positions = mask.sum(-1, keepdim=True).repeat_interleave(G, 0)  # (rows, 1) the next token's RoPE position
     step = _step
