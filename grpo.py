@@ -425,6 +425,9 @@ class Config:
     max_new_tokens: int = flag(64, "completion length budget in tokens")
     max_prompt_tokens: int = flag(1024, "longest prompt; longer ones get their document texts cut to fit")
     prompt_examples: bool = flag(False, "a worked and a refusal example in the prompt (no stage 0)")
+    compile: bool = flag(
+        False, "torch.compile the sampler's decode step (CUDA graphs on CUDA); compiles first"
+    )
     # the loss
     eps_low: float = flag(0.2, "the ratio is clipped below at 1 - eps_low")
     eps_high: float = flag(0.28, "the ratio is clipped above at 1 + eps_high (DAPO's 'clip higher')")
@@ -580,6 +583,7 @@ def sample_rollout(model, tokenizer, records, cfg, reward_fn, seed, first_row=0)
             stop_strings=STOP_STRINGS,
             tokenizer=tokenizer,
             first_row=first_row,
+            compile=cfg.compile,
         )
     # to the host, as ordinary tensors (generate runs under inference_mode): text and rewards are host work
     comp_ids, comp_mask, sampler_logp = (x.to("cpu", copy=True) for x in out)  # (R, M) each
