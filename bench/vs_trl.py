@@ -41,8 +41,6 @@ import subprocess
 import sys
 import time
 
-import distributed  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -266,6 +264,8 @@ def worker_ours(args):
     set_stop(args)
     path = builtin_model_dir()
     cfg = our_config(args)
+    import distributed
+
     model, reference = distributed.load_models(cfg, path, path, torch.device("cpu"), "float32")
     tokenizer = load_tokenizer(path)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -484,6 +484,8 @@ def worker_parity(args):
     path = builtin_model_dir()
     cfg = our_config(args)
     B, G = args.prompts, args.group_size
+    import distributed
+
     model, _ = distributed.load_models(cfg, path, path, torch.device("cpu"), "float32")
     tokenizer = load_tokenizer(path)
     records, prompt_ids, _ = step_records(args, tokenizer)
