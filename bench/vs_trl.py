@@ -353,7 +353,8 @@ def worker_trl(args):
     from transformers import TrainerCallback
 
     rss_imports = rss_mb()[0]
-    from model import builtin_model_dir, load_tokenizer
+    from builtin import builtin_model_dir
+    from model import load_tokenizer
     from rewards import stage_reward
 
     threads = set_threads(args)
