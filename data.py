@@ -4,6 +4,7 @@
     load_records      ALCE / Trust-Score JSON (a list) or JSONL (one record a line): ASQA, QAMPARI, ELI5
     synthetic_records the built-in task: fictional lakes, mountains, rivers and cities, one number per document
     load_data         "builtin" -> synthetic task, else a file (or a directory of .json / .jsonl files)
+    holdout_split     (train, held out) of real records, stratified by dataset and answerability, by id
     stage_records     stage 1: answerable only; stage 2: a 50/50 mix of answerable and unanswerable
     next_records      the training order: a seeded permutation per epoch, resumable from (epoch, index)
     build_prompt      Trust-Score prompt + one format sentence, chat template, token budget, "<think>" prefill
@@ -374,6 +375,24 @@ def load_data(
     else:
         raise DataError(f"{spec}: no such file or directory (use 'builtin' for the built-in task)")
     return records[:n] if n is not None else records
+
+
+def holdout_split(records: list[Record], share: float) -> tuple[list[Record], list[Record]]:
+    """(train, held out): within each (source, answerable) stratum, the round(share * n) records with the
+    smallest crc32(id) are held out. A record's side depends only on its id and its stratum's records, so a file
+    split alone and the same file inside a directory split alike (grpo.py --holdout and eval.py --holdout agree)."""
+    if not 0 <= share < 1:
+        raise DataError(f"--holdout must be in [0, 1), got {share!r}")
+    strata: dict[tuple[str, bool], list[int]] = {}  # stratum -> indices into records
+    for i, r in enumerate(records):
+        strata.setdefault((r.source, r.answerable), []).append(i)
+    held = set()
+    for members in strata.values():
+        ranked = sorted(members, key=lambda i: (zlib.crc32(records[i].id.encode()), records[i].id))
+        held.update(ranked[: round(share * len(members))])
+    train_part = [r for i, r in enumerate(records) if i not in held]
+    held_part = [r for i, r in enumerate(records) if i in held]
+    return train_part, held_part
 
 
 def stage_records(records: list[Record], stage: int, seed: int = 0) -> list[Record]:

@@ -352,14 +352,18 @@ def fail(message):
     raise SystemExit(f"eval.py: {message}")
 
 
-def load_eval_records(spec, n=None):
-    """Records of --data (a file, a directory of them, or 'builtin' -> the synthetic eval split), the first n."""
-    from data import load_data
+def load_eval_records(spec, n=None, holdout=0.0):
+    """Records of --data (a file, a directory of them, or 'builtin' -> the synthetic eval split), the first n;
+    with holdout > 0 only the part grpo.py --holdout left out of training."""
+    from data import holdout_split, load_data
 
     if spec != "builtin" and not Path(spec).exists():
         fail(f"--data {spec}: no such file")
     try:
-        records = load_data(spec, split="eval", n=n)
+        records = load_data(spec, split="eval")
+        if holdout:
+            records = holdout_split(records, holdout)[1]
+        records = records[:n] if n is not None else records
     except (
         ValueError,
         KeyError,
@@ -680,14 +684,16 @@ def plot_metrics(metrics_path, out_png):
     return out_png
 
 
-def default_out_dir(data, model):
+def default_out_dir(data, model, holdout=0.0):
     """runs/eval/<data stem>__<model name>; a checkpoint folder (every run names it "checkpoint") is named with its
-    run directory, runs/stage2/checkpoint -> <data>__stage2-checkpoint, so two runs' evaluations do not collide."""
+    run directory, runs/stage2/checkpoint -> <data>__stage2-checkpoint, so two runs' evaluations do not collide;
+    a held-out part is named with its share: <data>-holdout0.5__<model>."""
     path = Path(model)
     name = path.name
     if name.startswith("checkpoint"):  # checkpoint, checkpoint.old
         name = f"{path.resolve().parent.name}-{name}"
-    return Path("runs/eval") / f"{Path(data).stem}__{name}"
+    part = f"-holdout{holdout:g}" if holdout else ""
+    return Path("runs/eval") / f"{Path(data).stem}{part}__{name}"
 
 
 def parse_args(argv=None):
@@ -695,6 +701,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default="builtin", help="HF-layout checkpoint dir, or 'builtin'")
     p.add_argument("--data", default="builtin", help="ALCE / Trust-Score JSON or JSONL file, or 'builtin'")
     p.add_argument("--n", type=int, default=None, help="evaluate the first N records")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="evaluate only the share of --data that grpo.py --holdout SHARE left out of training",
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -751,7 +763,7 @@ def main(argv=None):
         if value is not None and value < 1:
             fail(f"{flag} must be at least 1, got {value}")
     judge = load_judge(args.judge) if args.judge else None
-    records = load_eval_records(args.data, args.n)
+    records = load_eval_records(args.data, args.n, args.holdout)
     generations = None
     if args.predictions:
         texts = load_predictions(args.predictions, records)
@@ -777,7 +789,7 @@ def main(argv=None):
             mean_completion_tokens=mean(g["n_tokens"] for g in generations),
             share_at_max_tokens=100 * mean(g["n_tokens"] >= args.max_new_tokens for g in generations),
         )
-    out = Path(args.out) if args.out else default_out_dir(args.data, args.model)
+    out = Path(args.out) if args.out else default_out_dir(args.data, args.model, args.holdout)
     write_run(out, records, texts, rows, scores, generations)
     print(" ".join(f"{k}={scores[k]:.2f}" for k in METRICS + ("format_compliance", "stage2_reward")))
     for note in scores["notes"]:

@@ -45,6 +45,7 @@ from data import (
     STOP_STRINGS,
     DataError,
     gold_completion,
+    holdout_split,
     load_data,
     load_gold_completions,
     next_records,
@@ -415,6 +416,9 @@ class Config:
     init: str | None = flag(None, "start weights (default: the previous stage's checkpoint, else --model)")
     data: str = flag("builtin", "'builtin' (the synthetic grounded-QA task) or ALCE / Trust-Score JSON(L)")
     gold: str | None = flag(None, "stage 0: JSONL of {id, completion} to imitate (default: written by rule)")
+    holdout: float = flag(
+        0.0, "leave this share of --data out, per dataset and answerability (eval.py --holdout)"
+    )
     out: str | None = flag(None, "run directory for metrics, samples and checkpoint/ (default runs/stage{N})")
     # sampling
     steps: int = per_stage("steps", "sampling rounds; each samples, scores, then takes --mu optimizer steps")
@@ -502,6 +506,11 @@ class Config:
             (self.ref is None or self.lora_rank == 0, "--ref needs a full fine-tune (LoRA: adapters off)"),
             (self.ref is None or self.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
             (self.tis_cap is None or self.stage > 0, "--tis-cap weighs sampled completions: stage 1 or 2"),
+            (0 <= self.holdout < 1, "--holdout is a share of --data: 0 <= share < 1"),
+            (
+                self.holdout == 0 or self.data != "builtin",
+                "--holdout is for --data files (builtin has an eval split)",
+            ),
             (0 <= self.overlong_buffer < self.max_new_tokens, "--overlong-buffer: 0 to max-new-tokens - 1"),
         )
         for ok, message in checks:
@@ -515,6 +524,14 @@ class Config:
         names = ("eps_low", "eps_high", "beta", "kl", "is_level", "clip_ratio_c", "objective", "sapo_tau_pos")
         names += ("sapo_tau_neg", "tis_cap", "tis_min", "tis_mode", "tis_level", "off_policy_mask")
         return dict({k: getattr(self, k) for k in names}, agg=self.loss_agg)
+
+
+def train_records(cfg: Config) -> list:
+    """The stage's records of --data, less the share --holdout keeps for eval.py --holdout."""
+    records = load_data(cfg.data, split="train", seed=cfg.seed)
+    if cfg.holdout:
+        records = holdout_split(records, cfg.holdout)[0]
+    return stage_records(records, cfg.stage, cfg.seed)
 
 
 def parse_args(argv=None) -> Config:
@@ -784,7 +801,7 @@ def main(argv=None, reward_fn=None):
     optimizer = make_optimizer(distributed.trained_parameters(model), cfg)
     distributed.with_master_weights(model, optimizer)
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
-    records = stage_records(load_data(cfg.data, split="train", seed=cfg.seed), cfg.stage, cfg.seed)
+    records = train_records(cfg)
     log(f"[data] {cfg.data}: {len(records)} records; {cfg.batch_prompts * world} x {cfg.group_size} per step")
     for record in records:
         training_prompt(record, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples)

@@ -250,6 +250,46 @@ def test_stage_records():
         data.stage_records(records, 3)
 
 
+def alce_like(source: str, n_answerable: int, n_unanswerable: int) -> list[dict]:
+    """Raw records of one ALCE schema: n answerable (the answer in a document) then n unanswerable."""
+    gold = {"asqa": "qa_pairs", "qampari": "answers", "eli5": "claims"}[source]
+    out = []
+    for i in range(n_answerable + n_unanswerable):
+        found = int(i < n_answerable)
+        doc = {"title": "t", "text": f"fact {i}", "answers_found": [found]}
+        answers = {
+            "qa_pairs": [{"short_answers": [f"a{i}"]}],
+            "answers": [[f"a{i}"]],
+            "claims": [f"claim {i}"],
+        }[gold]
+        raw = {"question": f"q{i}?", gold: answers, "docs": [doc]}
+        if source != "eli5":  # ELI5 files carry no id: the loader names the record by file and index
+            raw["id"] = f"{source}-{i}"
+        out.append(raw)
+    return out
+
+
+def test_holdout_split_is_stratified_disjoint_and_the_same_per_file_or_directory(tmp_path):
+    sizes = {"asqa": (12, 3), "qampari": (9, 5), "eli5": (6, 7)}
+    for source, (pos, neg) in sizes.items():
+        write_json(tmp_path, alce_like(source, pos, neg), name=f"{source}.json")
+    records = data.load_data(str(tmp_path))
+    train, held = data.holdout_split(records, 0.4)
+    assert {r.id for r in train} | {r.id for r in held} == {r.id for r in records}
+    assert not {r.id for r in train} & {r.id for r in held}
+    for source, (pos, neg) in sizes.items():
+        held_pos = sum(r.source == source and r.answerable for r in held)
+        held_neg = sum(r.source == source and not r.answerable for r in held)
+        assert (held_pos, held_neg) == (round(0.4 * pos), round(0.4 * neg))  # per stratum, not overall
+        alone = data.holdout_split(data.load_records(tmp_path / f"{source}.json"), 0.4)[1]
+        assert [r.id for r in alone] == [r.id for r in held if r.source == source]
+    # not the first records of each stratum: the side is drawn by id
+    assert [r.id for r in held if r.source == "asqa"] != [f"asqa-{i}" for i in range(round(0.4 * 12))]
+    assert data.holdout_split(records, 0.0) == (records, [])
+    with pytest.raises(data.DataError, match="holdout"):
+        data.holdout_split(records, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The synthetic task
 

@@ -391,6 +391,10 @@ def test_default_out_dir_names_the_run_of_a_checkpoint(tmp_path, monkeypatch):
     assert E.default_out_dir("builtin", "HuggingFaceTB/SmolLM2-135M") == Path(
         "runs/eval/builtin__SmolLM2-135M"
     )
+    # the held-out part of a file is not the whole file
+    assert E.default_out_dir("x/asqa.json", "builtin", holdout=0.5) == Path(
+        "runs/eval/asqa-holdout0.5__builtin"
+    )
 
 
 def test_reward_summary():

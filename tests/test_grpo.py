@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import distributed  # noqa: E402
+import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import logprobs  # noqa: E402
 import memory  # noqa: E402
@@ -907,3 +908,27 @@ def data_record():
     import data
 
     return data.synthetic_records("train", 1, seed=0)[0]
+
+
+def test_training_and_eval_holdout_take_complementary_parts(tmp_path):
+    """grpo.py --holdout trains on what eval.py --holdout does not score, and nothing of it; stage 1 keeps the
+    answerable part of the training side only."""
+    rows = []
+    for i in range(20):
+        found = int(i % 4 != 0)  # 15 answerable, 5 not
+        doc = {"title": "t", "text": f"a{i} here", "answers_found": [found]}
+        rows.append({"id": f"q{i}", "question": f"q{i}?", "answers": [[f"a{i}"]], "docs": [doc]})
+    path = tmp_path / "qampari_like.json"
+    path.write_text(json.dumps(rows))
+    held = {r.id for r in E.load_eval_records(str(path), holdout=0.4)}
+    assert len(held) == round(0.4 * 15) + round(0.4 * 5)
+    for stage in (0, 1, 2):
+        train = {r.id for r in grpo.train_records(grpo.Config(stage=stage, data=str(path), holdout=0.4))}
+        assert train and not train & held
+    assert len(grpo.train_records(grpo.Config(stage=1, data=str(path), holdout=0.4))) == 15 - 6
+    assert {r.id for r in grpo.train_records(grpo.Config(stage=1, data=str(path)))} == {
+        f"q{i}" for i in range(20) if i % 4
+    }
+    for bad in (dict(holdout=0.5), dict(data=str(path), holdout=1.0), dict(data=str(path), holdout=-0.1)):
+        with pytest.raises(ValueError, match="holdout"):
+            grpo.Config(**bad)
