@@ -8,7 +8,7 @@
                                       rank's dim-0 shard of the AdamW state
 
 A checkpoint is written atomically (a temporary directory, then renamed) and resumes on any number of processes.
-How the weights are laid out over ranks (and gathered for saving) is distributed.py's business.
+How the weights are laid out over ranks, and written from them, is distributed.py's business.
 """
 
 import json
@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from distributed import barrier, distributed, full_state_dict, named_trained_parameters
-from model import ModelError, merge_lora
+from distributed import adapter_weights, barrier, distributed, named_trained_parameters, save_weights
+from model import ModelError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Where a stage starts
@@ -101,10 +101,9 @@ def checkpoint_to_resume(cfg, log=print):
 def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, cfg):
     """Write <out>/checkpoint atomically: into a temporary directory, then renamed. A crash mid-save leaves the
     previous checkpoint (as checkpoint/ or, between the two renames, checkpoint.old/) intact. Every rank calls it:
-    the weights are gathered to rank 0, which writes them; each rank writes its own part of the optimizer state."""
+    under FSDP each rank writes its own part of the weights (distributed.save_weights) and of the optimizer state."""
     out = Path(out)
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-    weights = full_state_dict(model)  # fp32 masters, adapters unmerged
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,17 +111,18 @@ def save_checkpoint(out, model, tokenizer, optimizer, step, opt_step, data_pos, 
     barrier()
     shard_file = tmp / f"optimizer-{rank:05d}-of-{world:05d}.safetensors"
     save_file(optimizer_shards(model, optimizer), str(shard_file))
+    save_weights(model, tmp, tokenizer)
+    adapters = adapter_weights(model)  # unmerged, to resume from
     barrier()
     if rank != 0:
         return final
-    model.save_pretrained(tmp, tokenizer=tokenizer, state=merge_lora(model, weights))
     state = {
         "step": step,
         "opt_step": opt_step,
         "data_pos": list(data_pos),
         "rng_torch": torch.get_rng_state(),
         "rng_python": random.getstate(),
-        "lora": {n: t for n, t in weights.items() if "lora_" in n},
+        "lora": adapters,
         "config": asdict(cfg),
     }
     torch.save(state, tmp / "trainer_state.pt")

@@ -14,13 +14,13 @@ What is saved and when lives in checkpoint.py; how much memory all this takes, i
 import contextlib
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
@@ -35,6 +35,7 @@ from model import (
     add_lora,
     check_tensors,
     load_tokenizer,
+    merge_lora,
     read_json,
     safetensors_shapes,
 )
@@ -212,13 +213,58 @@ def sampling_weights(model):
 
 
 def full_state_dict(model):
-    """-> {name: CPU tensor}, adapters unmerged: gathered from the shards under FSDP (every rank takes part, rank 0
-    receives, the others get {}), else this module's, with the fp32 masters in place of their bf16 roundings."""
-    if isinstance(model, FSDPModule):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """-> {name: CPU tensor} of one process's model, adapters unmerged, the fp32 masters in place of their bf16
+    roundings."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state.update({k: m.detach().cpu() for k, m in getattr(model, "masters", {}).items()})
     return state
+
+
+def adapter_weights(model):
+    """-> {name: whole CPU tensor} of the LoRA adapters ({} for a full fine-tune); under FSDP every rank takes part
+    and every rank gets them (rank x features each: small)."""
+    if isinstance(model, FSDPModule):
+        return {n: p.full_tensor().cpu() for n, p in model.named_parameters() if ".lora_" in n}
+    return {n: t for n, t in full_state_dict(model).items() if ".lora_" in n}
+
+
+def save_weights(model, path, tokenizer):
+    """The model as a Hugging Face directory at `path` (which exists), adapters merged. Under FSDP every rank takes
+    part: each writes only its rows (torch.distributed.checkpoint's HuggingFaceStorageWriter), then rank 0 puts the
+    tensors together from the ranks' files one tensor at a time (DCP's consolidation) and writes the config; no
+    rank holds the whole model. One process writes its own tensors, fp32 masters in place of bf16 roundings."""
+    path = Path(path)
+    if not isinstance(model, FSDPModule):
+        model.save_pretrained(path, tokenizer=tokenizer, state=merge_lora(model, full_state_dict(model)))
+        return
+    state = merge_lora(model, model.state_dict())  # {HF name: this rank's DTensor shard}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    index = file_index(state, memory.SAVE_FILE_BYTES)
+    writer = HuggingFaceStorageWriter(
+        str(path), fqn_to_index_mapping=index, save_distributed=True, enable_consolidation=True
+    )
+    dcp.save(state, storage_writer=writer)
+    if dist.get_rank() == 0:
+        shutil.rmtree(path / "sharded")
+        if max(index.values()) == 1:  # one file: the name a single-file Hugging Face model has
+            (path / "model-00001-of-00001.safetensors").rename(path / "model.safetensors")
+            (path / "model.safetensors.index.json").unlink()
+        model.save_config(path, state["model.embed_tokens.weight"].dtype, tokenizer)
+
+
+def file_index(state, max_bytes):
+    """{name: file number from 1}: the tensors in order, a new file when the next would take it past max_bytes
+    (a rank serializes its rows of one file at once: the file size bounds what saving holds)."""
+    index, size, file = {}, 0, 1
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_bytes:
+            file += 1
+            size = 0
+        index[name] = file
+        size += nbytes
+    return index
 
 
 # ----------------------------------------------------------------------------------------------------------------

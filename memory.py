@@ -59,6 +59,9 @@ def keep_large_blocks_mapped(threshold=128 * 1024):
 # of two phases: sampling (under FSDP the whole model gathered, the KV cache of the round, its logits) and training
 # (fp32 gradients, what autograd keeps of one micro-batch). Activations and the runtime are rough terms.
 
+SAVE_FILE_BYTES = (
+    2e9  # a checkpoint's weights are written in safetensors files of at most this (distributed.py)
+)
 RUNTIME_BYTES = 0.5e9  # the Python process, torch's libraries, the tokenizer and data (CPU); a CUDA context
 
 
@@ -119,7 +122,17 @@ def memory_plan(hf, cfg, world=1, dtype=None) -> dict:
     largest = c.vocab_size * c.hidden_size
     plan["load"] = 2 * largest * file_b / n if world > 1 else P * file_b + (P * 4 if file_b != 4 else 0)
     at_load = plan["weights"] + plan["reference"] + plan["runtime"] + plan["load"]
-    plan["peak"] = max(persistent + max(sampling, plan["activations"] + head, plan["gradients"]), at_load)
+    # saving, beside the persistent terms. Under FSDP each rank serializes its rows of one file at a time (the
+    # tensors and their bytes), then rank 0 puts one tensor at a time together from the ranks' files (the whole
+    # tensor, a rank's rows read from its file, and the copy DCP slices out of them). One process holds every
+    # tensor on the host at once (copied there from a GPU).
+    saved_b = 4 if cfg.lora_rank == 0 else b  # fp32 masters; LoRA: the merged base, in its dtype
+    file_bytes = min(SAVE_FILE_BYTES, P * saved_b)
+    consolidate = largest * saved_b * (1 + 2 / n)
+    plan["save"] = max(2 * file_bytes / n, consolidate) if world > 1 else P * saved_b
+    plan["peak"] = max(
+        persistent + max(sampling, plan["activations"] + head, plan["gradients"], plan["save"]), at_load
+    )
     plan["parameters"], plan["trained_parameters"] = P, Pt
     return plan
 
@@ -149,8 +162,8 @@ def format_plan(plan, cfg, world, dtype):
         f"[memory] plan per rank ({what}; GB): weights {gb('weights')}, fp32 masters {gb('masters')}, "
         f"optimizer {gb('optimizer')}, reference {gb('reference')}, runtime {gb('runtime')}; sampling: gathered "
         f"weights {gb('sampling_gathered')}, KV cache {gb('kv_cache')}, logits {gb('sampling_logits')}; "
-        f"training: gradients {gb('gradients')}, activations ~{gb('activations')}; load: file read {gb('load')} "
-        f"-> peak ~{gb('peak')} GB"
+        f"training: gradients {gb('gradients')}, activations ~{gb('activations')}; load: file read {gb('load')}; "
+        f"save {gb('save')} -> peak ~{gb('peak')} GB"
     ]
 
 

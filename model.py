@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
@@ -439,6 +440,11 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        self.save_config(path, dtype, tokenizer)
+
+    def save_config(self, path, dtype, tokenizer=None):
+        """config.json, generation_config.json (+ the tokenizer's files): a model directory less its weights."""
+        path = Path(path)
         (path / "config.json").write_text(json.dumps(self.config.to_hf(dtype), indent=2))
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -604,7 +610,8 @@ def adapters_off(model):
 
 
 def merge_lora(model, state):
-    """Hugging Face names: every adapted layer's weight as W + scale * B @ A (in fp32, stored in W's dtype)."""
+    """Hugging Face names: every adapted layer's weight as W + scale * B @ A (in fp32, stored in W's dtype). A state
+    of FSDP2 shards gives shards: each rank merges its own rows (A, rank x in, gathered whole)."""
     out = {}
     for k, v in state.items():
         if ".lora_" in k:
@@ -612,8 +619,17 @@ def merge_lora(model, state):
         if ".base." in k:
             prefix, leaf = k.split(".base.")
             if leaf == "weight":
-                A, B = state[prefix + ".lora_A"].float(), state[prefix + ".lora_B"].float()
-                v = (v.float() + model.get_submodule(prefix).scale * B @ A).to(v.dtype)
+                A = state[prefix + ".lora_A"]  # (r, in)
+                B = state[prefix + ".lora_B"]  # (out, r)
+                scale = model.get_submodule(prefix).scale
+                # FSDP2: this rank's rows of W are its rows of B (both Shard(0) over out); A is small, gathered
+                if isinstance(v, DTensor):
+                    rows = v.to_local().float() + scale * B.to_local().float() @ A.full_tensor().float()
+                    v = DTensor.from_local(
+                        rows.to(v.dtype), v.device_mesh, v.placements, shape=v.shape, stride=v.stride()
+                    )
+                else:
+                    v = (v.float() + scale * B.float() @ A.float()).to(v.dtype)
             k = f"{prefix}.{leaf}"
         out[k] = v
     return out

@@ -20,13 +20,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import grpo  # noqa: E402
 import memory  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, load_safetensors_dir  # noqa: E402
 
 WORKER = textwrap.dedent("""
     import json, resource, sys
+    from pathlib import Path
     sys.path.insert(0, {root!r})
     import torch
-    import distributed, grpo
+    import distributed, grpo, memory
     from model import ModelError, Transformer, add_lora
 
     def whole_file_then_shard(cfg, weights, init, device, dtype):
@@ -60,6 +61,23 @@ WORKER = textwrap.dedent("""
         dtype = distributed.DTYPES[cfg.dtype]
         if mode == "peak":
             distributed.load_models(cfg, path, path, device, cfg.dtype)
+        elif mode in ("save", "save-gathered"):
+            policy, _ = distributed.load_models(cfg, path, path, device, cfg.dtype)
+            rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+            open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here on: the save's own peak
+            memory.SAVE_FILE_BYTES = {save_file_bytes}
+            target = Path(out) / "model"
+            target.mkdir(exist_ok=True)
+            if mode == "save":
+                distributed.save_weights(policy, target, None)
+            else:  # the save before sharded saving: the whole state gathered to rank 0, which writes it
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+                full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                state = get_model_state_dict(policy, options=full)
+                if rank == 0:
+                    policy.save_pretrained(target, state=state)
+            hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+            results.append(dict(save_peak=hwm - rss))
         elif mode == "peak-whole":
             whole_file_then_shard(cfg, path, path, device, dtype)
         else:
@@ -97,7 +115,7 @@ def torchrun(tmp_path, mode, cases, nproc=2):
     out = tmp_path / mode
     out.mkdir(exist_ok=True)
     script = tmp_path / "sharded_load_worker.py"
-    script.write_text(WORKER.format(root=str(ROOT)))
+    script.write_text(WORKER.format(root=str(ROOT), save_file_bytes=SAVE_FILE_BYTES))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     proc = subprocess.run(
         [*cmd, str(script), mode, str(out), json.dumps([[str(p), f] for p, f in cases])],
@@ -209,3 +227,33 @@ def test_peak_at_load_against_the_plan_and_the_whole_file(tmp_path):
     )
     assert 0.8 < at_load / sharded < 1.25, (at_load, sharded)
     assert whole - sharded > plan["parameters"] * 4 / 3, (whole, sharded)
+
+
+# Saving in files of at most 100 MB: the built-in model's 538 MB go to 6 files (its embedding, 113 MB, alone in one)
+SAVE_FILE_BYTES = 100e6
+
+
+def test_sharded_save_writes_the_same_weights_without_gathering_the_model(tmp_path, monkeypatch):
+    """The built-in model (134.5M parameters, 538 MB in fp32) loaded over 2 ranks and saved in files of at most
+    100 MB: the files hold exactly the weights it was loaded from (the tied head left out, as transformers writes
+    it), and a rank's peak resident memory while saving (VmHWM after a reset, above its VmRSS before) is within the
+    plan's save term + 25% and at least half the model's fp32 bytes below gathering the whole state to rank 0 (the
+    save before this, run here too)."""
+    path = builtin_dir()
+    flags = dict(dtype="float32")
+    sharded = max(r["results"][0]["save_peak"] for r in torchrun(tmp_path, "save", [(path, flags)]))
+    out = tmp_path / "save" / "model"
+    saved = load_safetensors_dir(out)
+    start = load_file(str(path / "model.safetensors"))
+    assert saved.keys() == start.keys() - {"lm_head.weight"}
+    assert all(torch.equal(saved[k], start[k]) for k in saved)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 30
+    assert len(list(out.glob("model-*-of-00006.safetensors"))) == 6 and not (out / "sharded").exists()
+    gathered = max(r["results"][0]["save_peak"] for r in torchrun(tmp_path, "save-gathered", [(path, flags)]))
+    monkeypatch.setattr(memory, "SAVE_FILE_BYTES", SAVE_FILE_BYTES)
+    plan = memory.memory_plan(json.loads((path / "config.json").read_text()), grpo.Config(**flags), world=2)
+    print(
+        f"peak saving: sharded {sharded / 1e9:.3f} GB, gathered {gathered / 1e9:.3f}, plan {plan['save'] / 1e9:.3f}"
+    )
+    assert sharded < 1.25 * plan["save"], (sharded, plan["save"])
+    assert gathered - sharded > plan["parameters"] * 4 / 2, (gathered, sharded)
