@@ -256,7 +256,9 @@ def save_weights(model, path, tokenizer):
 def file_index(state, max_bytes):
     """{name: file number from 1}: the tensors in order, a new file when the next would take it past max_bytes
     (a rank serializes its rows of one file at once: the file size bounds what saving holds)."""
-    index, size, file = {}, 0, 1
+    index = {}
+    size = 0
+    file = 1
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
         if size and size + nbytes > max_bytes:

@@ -359,6 +359,8 @@ def load_eval_records(spec, n=None, holdout=0.0):
 
     if spec != "builtin" and not Path(spec).exists():
         fail(f"--data {spec}: no such file")
+    if holdout and spec == "builtin":
+        fail("--holdout is for --data files (the built-in task has its own eval split)")
     try:
         records = load_data(spec, split="eval")
         if holdout:

@@ -59,9 +59,8 @@ def keep_large_blocks_mapped(threshold=128 * 1024):
 # of two phases: sampling (under FSDP the whole model gathered, the KV cache of the round, its logits) and training
 # (fp32 gradients, what autograd keeps of one micro-batch). Activations and the runtime are rough terms.
 
-SAVE_FILE_BYTES = (
-    2e9  # a checkpoint's weights are written in safetensors files of at most this (distributed.py)
-)
+# a checkpoint's weights are written in safetensors files of at most this many bytes (distributed.save_weights)
+SAVE_FILE_BYTES = 2e9
 RUNTIME_BYTES = 0.5e9  # the Python process, torch's libraries, the tokenizer and data (CPU); a CUDA context
 
 

@@ -932,3 +932,6 @@ def test_training_and_eval_holdout_take_complementary_parts(tmp_path):
     for bad in (dict(holdout=0.5), dict(data=str(path), holdout=1.0), dict(data=str(path), holdout=-0.1)):
         with pytest.raises(ValueError, match="holdout"):
             grpo.Config(**bad)
+    for spec, share in (("builtin", 0.5), (str(path), 1.0)):  # eval.py: one line, no traceback
+        with pytest.raises(SystemExit, match="holdout"):
+            E.load_eval_records(spec, holdout=share)
