@@ -5,7 +5,7 @@
     synthetic_records the built-in task: fictional lakes, mountains, rivers and cities, one number per document
     load_data         "builtin" -> synthetic task, else a file (or a directory of .json / .jsonl files)
     holdout_split     (train, held out) of real records, stratified by dataset and answerability, by id
-    stage_records     stage 1: answerable only; stage 2: a 50/50 mix of answerable and unanswerable
+    stage_records     stage 1: answerable only; stages 0, 2: a 50/50 mix of answerable and unanswerable (or all)
     next_records      the training order: a seeded permutation per epoch, resumable from (epoch, index)
     build_prompt      Trust-Score prompt + one format sentence, chat template, token budget, "<think>" prefill
     training_prompt   the one prompt of training (both stages) and of eval.py
@@ -395,17 +395,27 @@ def holdout_split(records: list[Record], share: float) -> tuple[list[Record], li
     return train_part, held_part
 
 
-def stage_records(records: list[Record], stage: int, seed: int = 0) -> list[Record]:
-    """Stage 1: the answerable records. Stages 0 (the warm-up) and 2: equally many answerable and unanswerable
-    records (as many as the smaller side has), shuffled together. Seeded."""
+MIXES = ("balanced", "natural")  # stage_records' mix of stages 0 and 2
+
+
+def stage_records(records: list[Record], stage: int, seed: int = 0, mix: str = "balanced") -> list[Record]:
+    """Stage 1: the answerable records. Stages 0 (the warm-up) and 2, mix "balanced": equally many answerable and
+    unanswerable records (as many as the smaller side has); mix "natural": every record, the data's own share of
+    unanswerable ones. Shuffled, seeded."""
     rng = random.Random(seed)
     pos = [r for r in records if r.answerable]
     neg = [r for r in records if not r.answerable]
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
     if stage == 1:
         if not pos:
             raise DataError("stage 1 needs answerable records; the data has none")
         rng.shuffle(pos)
         return pos
+    if stage in (0, 2) and mix == "natural":
+        mix_records = list(records)
+        rng.shuffle(mix_records)
+        return mix_records
     if stage in (0, 2):
         if not pos or not neg:
             raise DataError(

@@ -42,6 +42,7 @@ import distributed
 import memory
 import rewards
 from data import (
+    MIXES,
     STOP_STRINGS,
     DataError,
     gold_completion,
@@ -419,6 +420,11 @@ class Config:
     holdout: float = flag(
         0.0, "leave this share of --data out, per dataset and answerability (eval.py --holdout)"
     )
+    mix: str = flag(
+        "balanced",
+        "stages 0, 2: balanced (half unanswerable) or natural (all of --data)",
+        choices=list(MIXES),
+    )
     out: str | None = flag(None, "run directory for metrics, samples and checkpoint/ (default runs/stage{N})")
     # sampling
     steps: int = per_stage("steps", "sampling rounds; each samples, scores, then takes --mu optimizer steps")
@@ -531,7 +537,7 @@ def train_records(cfg: Config) -> list:
     records = load_data(cfg.data, split="train", seed=cfg.seed)
     if cfg.holdout:
         records = holdout_split(records, cfg.holdout)[0]
-    return stage_records(records, cfg.stage, cfg.seed)
+    return stage_records(records, cfg.stage, cfg.seed, cfg.mix)
 
 
 def parse_args(argv=None) -> Config:

@@ -248,6 +248,16 @@ def test_stage_records():
         data.stage_records(s1, 2)
     with pytest.raises(ValueError):
         data.stage_records(records, 3)
+    for stage in (0, 2):  # the natural mix: every record once, shuffled, seeded; stage 1 is unchanged by it
+        natural = data.stage_records(records, stage, seed=0, mix="natural")
+        assert sorted(r.id for r in natural) == sorted(r.id for r in records)
+        assert [r.id for r in natural] != [r.id for r in records]
+        assert [r.id for r in natural] == [
+            r.id for r in data.stage_records(records, stage, seed=0, mix="natural")
+        ]
+    assert data.stage_records(records, 1, seed=0, mix="natural") == s1
+    with pytest.raises(ValueError, match="mix"):
+        data.stage_records(records, 0, mix="all")
 
 
 def alce_like(source: str, n_answerable: int, n_unanswerable: int) -> list[dict]:

@@ -929,6 +929,9 @@ def test_training_and_eval_holdout_take_complementary_parts(tmp_path):
     assert {r.id for r in grpo.train_records(grpo.Config(stage=1, data=str(path)))} == {
         f"q{i}" for i in range(20) if i % 4
     }
+    for stage in (0, 2):  # --mix natural: the whole training side, its own share of unanswerable records
+        natural = grpo.train_records(grpo.Config(stage=stage, data=str(path), holdout=0.4, mix="natural"))
+        assert len(natural) == 20 - len(held) and sum(not r.answerable for r in natural) == 5 - 2
     for bad in (dict(holdout=0.5), dict(data=str(path), holdout=1.0), dict(data=str(path), holdout=-0.1)):
         with pytest.raises(ValueError, match="holdout"):
             grpo.Config(**bad)
