@@ -40,7 +40,8 @@ train: stage0 stage1 stage2
 
 # The recipe on real records (ALCE / Trust-Score files): half of every dataset's answerable and unanswerable
 # questions are held out (--holdout 0.5, chosen by id), training sees the other half, eval-alce scores the held-out
-# half per file. Prompts of real records are ~1,000-1,300 tokens: none is cut at 1280.
+# half per file. The warm-up imitates the data's own mix (--mix natural). Prompts of real records are ~1,000-1,300
+# tokens: none is cut at 1280.
 DATA      ?= ../shared/data/alce
 ALCE_OUT  ?= runs/alce
 ALCE_RUN  := --data $(DATA) --holdout 0.5 --max-prompt-tokens 1280 --max-new-tokens 160 --resume
@@ -50,7 +51,7 @@ alce-data:
 	@test -e "$(DATA)" || { echo "make: no ALCE data at $(DATA): give DATA=<an ALCE / Trust-Score .json(l) file or a directory of them> (ALCE and Trust-Align publish theirs on the Hugging Face hub)"; exit 2; }
 
 train-alce: setup alce-data
-	$(BIN)/python grpo.py --stage 0 $(ALCE_RUN) --steps 16 --out $(ALCE_OUT)-stage0
+	$(BIN)/python grpo.py --stage 0 $(ALCE_RUN) --mix natural --steps 16 --out $(ALCE_OUT)-stage0
 	$(BIN)/python grpo.py --stage 1 $(ALCE_RUN) --steps 6 --out $(ALCE_OUT)-stage1
 	$(BIN)/python grpo.py --stage 2 $(ALCE_RUN) --steps 12 --out $(ALCE_OUT)-stage2
 
