@@ -523,6 +523,26 @@ def test_cli_scores_predictions_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     trust_row = next(line for line in proc.stdout.splitlines() if line.startswith("| TRUST"))
     assert "100.00" in trust_row and "66.67" in trust_row and "-33.33" in trust_row
+    # the interval: a draw of the 2 questions holds q1 with probability 3/4 (TRUST 100 vs 66.67 as above: -33.33)
+    # and only q2, the refusal both runs share, with 1/4 (both (0 + 50 + 0) / 3: difference 0)
+    assert "[-33.33, +0.00]" in trust_row
+
+
+def test_paired_bootstrap_draws_the_same_questions_for_both_runs():
+    def row(correctness):
+        return dict(
+            answerable=True,
+            refused=False,
+            correctness=correctness,
+            citation_recall=1.0,
+            citation_precision=1.0,
+        )
+
+    a = [row(c) for c in (0.0, 1.0, 0.5, 0.0, 1.0)]
+    assert all(iv == (0.0, 0.0) for iv in E.paired_bootstrap(a, a).values())  # unpaired draws would differ
+    # every question answered and answerable: F1_AC = mean correctness in every draw, so B - A is 100 whatever is drawn
+    intervals = E.paired_bootstrap([row(0.0)] * 5, [row(1.0)] * 5)
+    assert intervals["F1_AC"] == (100.0, 100.0) and intervals["AR"] == (0.0, 0.0)
 
 
 def test_cli_plot(tmp_path):
