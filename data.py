@@ -6,6 +6,7 @@
     load_data         "builtin" -> synthetic task, else a file (or a directory of .json / .jsonl files)
     holdout_split     (train, held out) of real records, stratified by dataset and answerability, by id
     stage_records     stage 1: answerable only; stages 0, 2: a 50/50 mix of answerable and unanswerable (or all)
+    training_records  a stage's records: --data less the held-out share, then stage_records
     next_records      the training order: a seeded permutation per epoch, resumable from (epoch, index)
     build_prompt      Trust-Score prompt + one format sentence, chat template, token budget, "<think>" prefill
     training_prompt   the one prompt of training (both stages) and of eval.py
@@ -427,6 +428,15 @@ def stage_records(records: list[Record], stage: int, seed: int = 0, mix: str = "
         rng.shuffle(mix)
         return mix
     raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
+
+
+def training_records(spec: str, holdout: float, stage: int, seed: int, mix: str) -> list[Record]:
+    """The records a training stage draws from: --data less the share --holdout keeps for eval.py --holdout, then
+    stage_records' selection."""
+    records = load_data(spec, split="train", seed=seed)
+    if holdout:
+        records = holdout_split(records, holdout)[0]
+    return stage_records(records, stage, seed, mix)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -596,10 +596,20 @@ def load_scores(run):
         fail(f"--compare {path}: not JSON ({e.msg}, line {e.lineno})")
 
 
+ROW_KEYS = ("id", "answerable", "refused", "correctness", "citation_recall", "citation_precision")
+
+
 def load_rows(run):
     """{question id: score_question row} from a run directory's predictions.jsonl; None when it has none."""
     path = Path(run) / "predictions.jsonl"
-    return {row["id"]: row for row in read_jsonl(path)} if path.is_file() else None
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            fail(f"--compare {path}:{i}: no {missing[0]!r} field (eval.py writes it with every question)")
+    return {row["id"]: row for row in rows}
 
 
 def paired_bootstrap(rows_a, rows_b, resamples=2000, level=0.9, seed=0):

@@ -46,12 +46,10 @@ from data import (
     STOP_STRINGS,
     DataError,
     gold_completion,
-    holdout_split,
-    load_data,
     load_gold_completions,
     next_records,
-    stage_records,
     training_prompt,
+    training_records,
 )
 from flags import config_parser, flag
 from logprobs import completion_logprobs, micro_batches, same_count
@@ -513,6 +511,7 @@ class Config:
             (self.ref is None or self.beta > 0, "--ref is the KL reference: it needs --beta > 0"),
             (self.tis_cap is None or self.stage > 0, "--tis-cap weighs sampled completions: stage 1 or 2"),
             (0 <= self.holdout < 1, "--holdout is a share of --data: 0 <= share < 1"),
+            (self.mix == "balanced" or self.stage != 1, "--mix is for stages 0 and 2 (1: answerable only)"),
             (
                 self.holdout == 0 or self.data != "builtin",
                 "--holdout is for --data files (builtin has an eval split)",
@@ -530,14 +529,6 @@ class Config:
         names = ("eps_low", "eps_high", "beta", "kl", "is_level", "clip_ratio_c", "objective", "sapo_tau_pos")
         names += ("sapo_tau_neg", "tis_cap", "tis_min", "tis_mode", "tis_level", "off_policy_mask")
         return dict({k: getattr(self, k) for k in names}, agg=self.loss_agg)
-
-
-def train_records(cfg: Config) -> list:
-    """The stage's records of --data, less the share --holdout keeps for eval.py --holdout."""
-    records = load_data(cfg.data, split="train", seed=cfg.seed)
-    if cfg.holdout:
-        records = holdout_split(records, cfg.holdout)[0]
-    return stage_records(records, cfg.stage, cfg.seed, cfg.mix)
 
 
 def parse_args(argv=None) -> Config:
@@ -766,9 +757,8 @@ def policy_update(
             memory.release_freed_memory()  # the forward's freed temporaries, before gradients are allocated
             loss.backward()
             loss_total += loss.detach().double()
-            n = torch.clamp(
-                m["tokens"], min=1
-            )  # nll: the warm-up's loss, the mean -log p of the trained tokens
+            # nll: the warm-up's loss, the mean -log p of the trained tokens
+            n = torch.clamp(m["tokens"], min=1)
             nll = -(logp.detach() * mrows).sum() / n
             stats.add(dict(m, entropy=(ent * mrows).sum() / n, nll=nll), m["tokens"])
         # the gradients of the whole step's loss in fp32: FSDP has summed them over the ranks in backward
@@ -807,7 +797,7 @@ def main(argv=None, reward_fn=None):
     optimizer = make_optimizer(distributed.trained_parameters(model), cfg)
     distributed.with_master_weights(model, optimizer)
     # the data; every prompt built once now, so one over --max-prompt-tokens stops the run before step 0
-    records = train_records(cfg)
+    records = training_records(cfg.data, cfg.holdout, cfg.stage, cfg.seed, cfg.mix)
     log(f"[data] {cfg.data}: {len(records)} records; {cfg.batch_prompts * world} x {cfg.group_size} per step")
     for record in records:
         training_prompt(record, tokenizer, cfg.max_prompt_tokens, cfg.prompt_examples)
@@ -826,9 +816,8 @@ def main(argv=None, reward_fn=None):
         # 1-2. the global batch in the seeded order, this rank's slice of whole groups: G completions each
         global_records, data_pos = next_records(records, data_pos, cfg.batch_prompts * world, cfg.seed)
         local = global_records[rank * cfg.batch_prompts : (rank + 1) * cfg.batch_prompts]
-        if (
-            cfg.stage == 0
-        ):  # the warm-up: this update on one gold each, advantage 1 and ratio 1, is its mean NLL
+        # the warm-up: this update on one gold each, advantage 1 and ratio 1, is its mean NLL
+        if cfg.stage == 0:
             rollout = gold_rollout(tokenizer, local, cfg, gold, reward_fn)
         else:
             seed = (cfg.seed * 100_003 + step) * 1024
@@ -837,16 +826,15 @@ def main(argv=None, reward_fn=None):
         t_sample = time.time() - t0
         # 3. advantages over the global batch (group scaling looks within a group, batch scaling at all of it)
         gathered, R = gather_rollout(rollout), len(rollout.texts)
-        advantages = torch.ones(R)  # (R,) stage 0
+        advantages = torch.ones(R, device="cpu")  # (R,) stage 0; on the host, as the rewards
         if cfg.stage > 0:
-            advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)[
-                rank * R : (rank + 1) * R
-            ]
+            all_advantages = group_advantages(gathered["rewards"], G, cfg.scale_rewards)  # (R * world,)
+            advantages = all_advantages[rank * R : (rank + 1) * R]
         keep = rows_in_loss(rollout, cfg)
         # 4-6. log-probs, loss, backward, optimizer step(s): what the update reads crosses to the device here
         t1 = time.time()
         batch, advantages_on_device = rollout.to(device), advantages.to(device)
-        args = (
+        inner = policy_update(
             model,
             reference,
             optimizer,
@@ -858,7 +846,6 @@ def main(argv=None, reward_fn=None):
             total_opt_steps,
             log,
         )
-        inner = policy_update(*args)
         opt_step, step = opt_step + cfg.mu, step + 1
         t_train, dt = time.time() - t1, time.time() - t0
         # 7. metrics of the global batch, loss metrics averaged over the inner iterations; samples; checkpoint

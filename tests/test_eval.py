@@ -526,6 +526,14 @@ def test_cli_scores_predictions_file(tmp_path):
     # the interval: a draw of the 2 questions holds q1 with probability 3/4 (TRUST 100 vs 66.67 as above: -33.33)
     # and only q2, the refusal both runs share, with 1/4 (both (0 + 50 + 0) / 3: difference 0)
     assert "[-33.33, +0.00]" in trust_row
+    # a predictions.jsonl without the per-question scores: one line naming the file, the line and the field
+    lines_b = (tmp_path / "run_b" / "predictions.jsonl").read_text().splitlines()
+    row = json.loads(lines_b[1])
+    del row["correctness"]
+    (tmp_path / "run_b" / "predictions.jsonl").write_text(lines_b[0] + "\n" + json.dumps(row) + "\n")
+    proc = run_cli("--compare", str(out), str(tmp_path / "run_b"))
+    assert proc.returncode != 0 and "predictions.jsonl:2: no 'correctness' field" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_paired_bootstrap_draws_the_same_questions_for_both_runs():

@@ -910,9 +910,11 @@ def data_record():
     return data.synthetic_records("train", 1, seed=0)[0]
 
 
-def test_training_and_eval_holdout_take_complementary_parts(tmp_path):
+def test_training_and_eval_holdout_take_complementary_parts(tiny_dir, tmp_path, capsys):
     """grpo.py --holdout trains on what eval.py --holdout does not score, and nothing of it; stage 1 keeps the
-    answerable part of the training side only."""
+    answerable part of the training side only; --mix natural takes all of that side, its own share unanswerable."""
+    import data
+
     rows = []
     for i in range(20):
         found = int(i % 4 != 0)  # 15 answerable, 5 not
@@ -923,15 +925,21 @@ def test_training_and_eval_holdout_take_complementary_parts(tmp_path):
     held = {r.id for r in E.load_eval_records(str(path), holdout=0.4)}
     assert len(held) == round(0.4 * 15) + round(0.4 * 5)
     for stage in (0, 1, 2):
-        train = {r.id for r in grpo.train_records(grpo.Config(stage=stage, data=str(path), holdout=0.4))}
+        train = {r.id for r in data.training_records(str(path), 0.4, stage, 0, "balanced")}
         assert train and not train & held
-    assert len(grpo.train_records(grpo.Config(stage=1, data=str(path), holdout=0.4))) == 15 - 6
-    assert {r.id for r in grpo.train_records(grpo.Config(stage=1, data=str(path)))} == {
+    assert len(data.training_records(str(path), 0.4, 1, 0, "balanced")) == 15 - 6
+    assert {r.id for r in data.training_records(str(path), 0.0, 1, 0, "balanced")} == {
         f"q{i}" for i in range(20) if i % 4
     }
-    for stage in (0, 2):  # --mix natural: the whole training side, its own share of unanswerable records
-        natural = grpo.train_records(grpo.Config(stage=stage, data=str(path), holdout=0.4, mix="natural"))
+    for stage in (0, 2):
+        natural = data.training_records(str(path), 0.4, stage, 0, "natural")
         assert len(natural) == 20 - len(held) and sum(not r.answerable for r in natural) == 5 - 2
+    # the flags reach the selection: stage 2 on the 12 records of the training side, not the balanced 6
+    flags = ("--stage", "2", "--data", str(path), "--holdout", "0.4", "--mix", "natural", "--steps", "1")
+    grpo.main(run_args(tiny_dir, tmp_path / "run", *flags), reward_fn=toy_reward)
+    assert f"[data] {path}: 12 records" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--mix"):
+        grpo.Config(stage=1, mix="natural")
     for bad in (dict(holdout=0.5), dict(data=str(path), holdout=1.0), dict(data=str(path), holdout=-0.1)):
         with pytest.raises(ValueError, match="holdout"):
             grpo.Config(**bad)
